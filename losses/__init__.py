@@ -1,0 +1,1 @@
+"""polytask losses package."""
