@@ -41,7 +41,9 @@ def reference_attention(
         # A fully masked row would be softmax(-inf, ..., -inf) = NaN; give it zero weights instead.
         any_key = mask.any(dim=-1, keepdim=True)
         scores = scores.masked_fill(~any_key, 0.0)
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # Half-precision scores are normalised in fp32 for stability; fp32/fp64 stay as they are.
+    low = scores.dtype in (torch.float16, torch.bfloat16)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32 if low else None).to(q.dtype)
     if mask is not None:
         weights = weights.masked_fill(~any_key, 0.0)
     if dropout_p > 0.0:
