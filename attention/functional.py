@@ -107,3 +107,12 @@ def scaled_dot_product_attention(
     if name != "triton":  # the Triton kernel handles grouped heads itself
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)
     return BACKENDS[name](q, k, v, mask, causal=causal, scale=scale, dropout_p=dropout_p, bias=bias)
+
+
+def _triton_backend(q, k, v, mask=None, **kw):
+    # Optional dependency: imported only when the triton backend is requested.
+    from attention.triton_flash import triton_attention
+    return triton_attention(q, k, v, mask, **kw)
+
+
+BACKENDS["triton"] = _triton_backend
