@@ -1,0 +1,60 @@
+"""``KVCache``: keys and values of the positions already decoded, for incremental decoding.
+
+Self-attention appends one step's keys/values at a time into a preallocated buffer that grows
+geometrically, so appending is O(1) amortised (no ``torch.cat`` of the whole history per
+token). Cross-attention keys/values depend only on the encoder output: they are computed on the
+first step and reused (``static=True``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Cache of ``(b, hk, j, d)`` keys and ``(b, hk, j, e)`` values for one attention module."""
+
+    def __init__(self, static: bool = False) -> None:
+        self.static = static
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``, ``v`` (new positions on dim 2); return all cached keys and values."""
+        if self.static:
+            raise ValueError("a static (cross-attention) cache is set once with set_static()")
+        new = k.shape[2]
+        if self._k is None or self.length + new > self._k.shape[2]:
+            capacity = max(16, 2 * (self.length + new))
+            grown_k = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])
+            grown_v = v.new_empty(v.shape[:2] + (capacity,) + v.shape[3:])
+            if self._k is not None:
+                grown_k[:, :, : self.length] = self.k
+                grown_v[:, :, : self.length] = self.v
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length : self.length + new] = k
+        self._v[:, :, self.length : self.length + new] = v
+        self.length += new
+        return self.k, self.v
+
+    def set_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.static = True
+        self._k, self._v, self.length = k, v, k.shape[2]
+
+    @property
+    def is_set(self) -> bool:
+        return self._k is not None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (in that order), e.g. the surviving beams."""
+        if self._k is not None:
+            self._k = self._k.index_select(0, index)
+            self._v = self._v.index_select(0, index)

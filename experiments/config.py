@@ -1,0 +1,196 @@
+"""Run configuration: one YAML file, every section a typed dataclass, dotted overrides.
+
+```yaml
+model:     {d_model: 128, n_heads: 4, ...}     # core.config.ModelConfig
+tasks:     tiny                                # a built-in suite name, or a list of task specs
+sharing:   {strategy: hard}                    # heads.SharingConfig
+weighting: {method: static}                    # losses.get_weighting(method)(**options)
+losses:    {ce: {label_smoothing: 0.1}}        # options per loss name
+data:      {sampling: proportional}            # DataConfig
+train:     {max_steps: 200, batch_size: 16}    # TrainConfig
+```
+
+Overrides use dotted keys, parsed as YAML scalars (never ``eval``):
+``train.max_steps=50 sharing.strategy=soft model.d_model=64``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.config import ModelConfig, check_fields, from_dict
+from core.tasks import TaskSpec
+from heads.config import SharingConfig
+
+
+@dataclass
+class WeightingConfig:
+    """``method`` names a registered weighting; ``options`` are passed to its constructor."""
+
+    method: str = "static"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "weighting")
+
+
+@dataclass
+class DataConfig:
+    sampling: Literal["proportional", "temperature", "uniform", "round_robin"] = "proportional"
+    temperature: float = 2.0            # p ∝ n^(1/T) for sampling: temperature
+    cap: int | None = None              # per-task cap on examples in the mixture rates (T5)
+    max_source_len: int = 128
+    max_target_len: int = 64
+    truncation: Literal["truncate", "error", "drop"] = "truncate"
+    vocab_size: int = 1000              # sentencepiece vocabulary trained on the run's tasks
+    tokenizer: Literal["unigram", "bpe"] = "unigram"
+    eval_examples: int = 200            # per task and split, for periodic and final evaluation
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data")
+        for name in ("max_source_len", "max_target_len", "vocab_size", "eval_examples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} = {getattr(self, name)} must be positive")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    bf16: bool = False                  # autocast the forward pass to bfloat16
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    early_stopping_patience: int | None = None   # evaluations without improvement
+    early_stopping_metric: str = "average"       # "average" or a task name
+    train_top_layers: int | None = None  # layerwise freezing: train only the top N layers per stack
+    train_only: list[str] = field(default_factory=list)  # discriminative tuning, e.g. [decoder]
+    peft: dict[str, Any] = field(default_factory=dict)   # {method: lora, r: 8, ...}
+    max_bad_steps: int = 5              # consecutive non-finite steps before the run stops
+    generation_max_tokens: int = 48
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every",
+                     "max_bad_steps", "generation_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} = {getattr(self, name)} must be positive")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr = {self.lr} must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.grad_accum ({self.grad_accum}) must divide "
+                             f"train.batch_size ({self.batch_size})")
+
+
+SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: str | list[TaskSpec] = "tiny"
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a run config must be a mapping of sections, got {type(data).__name__}")
+        unknown = [k for k in data if k not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown config section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
+        tasks = data.get("tasks", "tiny")
+        if isinstance(tasks, list):
+            tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in tasks]
+        elif not isinstance(tasks, str):
+            raise ValueError(f"tasks must be a suite name or a list of task specs, got {tasks!r}")
+        losses = data.get("losses") or {}
+        if not isinstance(losses, dict) or not all(isinstance(v, dict) for v in losses.values()):
+            raise ValueError(f"losses must map loss names to option mappings, got {losses!r}")
+        return cls(
+            model=from_dict(ModelConfig, data.get("model"), "model"),
+            tasks=tasks,
+            sharing=from_dict(SharingConfig, data.get("sharing"), "sharing"),
+            weighting=from_dict(WeightingConfig, data.get("weighting"), "weighting"),
+            losses=losses,
+            data=from_dict(DataConfig, data.get("data"), "data"),
+            train=from_dict(TrainConfig, data.get("train"), "train"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return json.loads(json.dumps(out))  # plain JSON types only
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "sharing.strategy=soft"]`` -> ``{"train.lr": 0.001, ...}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: cannot parse value ({e.problem})") from None
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy). Unknown keys are caught by ``from_dict``."""
+    data = json.loads(json.dumps(data))
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for i, p in enumerate(parents):
+            if p not in SECTIONS and i == 0:
+                raise ValueError(f"unknown config section {p!r} in override {dotted!r}; "
+                                 f"known: {', '.join(SECTIONS)}")
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {dotted!r}: {'.'.join(parents[:i + 1])} is not a section")
+            node = nxt
+        if not parents and leaf not in SECTIONS:
+            raise ValueError(f"unknown config section {leaf!r}; known: {', '.join(SECTIONS)}")
+        node[leaf] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate every section."""
+    data = load_yaml(path)
+    data.pop("grid", None)
+    data.pop("seeds", None)
+    return RunConfig.from_dict(apply_overrides(data, parse_overrides(overrides or [])))
