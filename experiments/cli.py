@@ -1,0 +1,139 @@
+"""The ``polytask`` command line.
+
+    polytask train CONFIG [key=value ...] [--out RUN_DIR]
+    polytask train --resume RUN_DIR
+    polytask eval RUN_DIR [--split test]
+    polytask generate RUN_DIR --task T --input TEXT
+    polytask ablate CONFIG [key=value ...] [--out DIR]
+    polytask bench [what ...]
+    polytask export RUN_DIR --onnx OUT_DIR
+
+A user error (bad config key or value, missing file, unknown task ...) exits with status 2 and
+one line naming the problem; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad command line: reported in one line like every other user error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit itself
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="polytask", description="multi-task Transformer research framework")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one run")
+    t.add_argument("config", nargs="?", help="YAML run config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="evaluate a finished or interrupted run")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="test")
+
+    g = sub.add_parser("generate", help="generate with a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--task", required=True)
+    g.add_argument("--input", required=True)
+    g.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
+    g.add_argument("--max-new-tokens", type=int, default=48)
+
+    a = sub.add_parser("ablate", help="run an ablation grid and write table and plots")
+    a.add_argument("config")
+    a.add_argument("overrides", nargs="*")
+    a.add_argument("--out", help="output directory (default runs/<config name>)")
+    a.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks (see experiments/bench)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    x = sub.add_parser("export", help="export a run's model")
+    x.add_argument("run_dir")
+    x.add_argument("--onnx", required=True, metavar="OUT_DIR")
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from experiments.config import RunConfig, load_config
+    from experiments.runs import train_run
+    from core.checkpoint import read_json
+
+    if args.resume:
+        if args.config:
+            raise UsageError("polytask train: give either CONFIG or --resume RUN_DIR, not both")
+        run_dir = Path(args.resume)
+        cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+        summary = train_run(cfg, run_dir, resume=True, progress=not args.no_progress)
+    else:
+        if not args.config:
+            raise UsageError("polytask train: CONFIG is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+        summary = train_run(cfg, run_dir, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(run_dir), "test": summary["test"]}, indent=2))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from core.train import evaluate_run
+    print(json.dumps(evaluate_run(Path(args.run_dir), split=args.split), indent=2))
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from core.train import generate_text
+    print(generate_text(Path(args.run_dir), args.task, args.input, method=args.method,
+                        max_new_tokens=args.max_new_tokens))
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from experiments.ablate import ablate
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    paths = ablate(args.config, out, args.overrides, progress=not args.no_progress)
+    print(paths["table"].read_text())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from experiments.bench import main as bench_main
+    bench_main(args.rest)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from core.export import export_onnx
+    for path in export_onnx(Path(args.run_dir), Path(args.onnx)):
+        print(path)
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
+            "ablate": _cmd_ablate, "bench": _cmd_bench, "export": _cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"polytask: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Ablation reports: ``results.csv`` -> ``table.md`` and PNG plots.
+
+The table has one row per grid combination and one column per task plus the average. Each cell
+is the mean ± standard deviation over seeds (sample std, ``ddof=1``; 0 for one seed), then the
+difference Δ of the mean against the single-task baseline (the combination with
+``sharing.strategy = none`` and otherwise the same settings, when the grid has one). The best
+mean of each column is bold.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+AVERAGE = "average"
+
+
+def read_results(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return mean(values), (stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(rows: list[dict[str, str]]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+    """-> (combination labels in order, task columns, {(combination, task): [value per seed]})."""
+    combos: list[str] = []
+    tasks: list[str] = []
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["combination"] not in combos:
+            combos.append(r["combination"])
+        if r["task"] not in tasks and r["task"] != AVERAGE:
+            tasks.append(r["task"])
+        cells[(r["combination"], r["task"])].append(float(r["value"]))
+    return combos, tasks + [AVERAGE], cells
+
+
+def baseline_of(combo: str) -> str | None:
+    """The single-task combination matching ``combo`` in every other grid key."""
+    parts = dict(p.split("=", 1) for p in combo.split(", ") if "=" in p)
+    if "sharing.strategy" not in parts:
+        return None
+    parts["sharing.strategy"] = "none"
+    return ", ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | None = None) -> str:
+    combos, tasks, cells = aggregate(rows)
+    metric_names = metric_names or {}
+    best = {}
+    for t in tasks:
+        means = [_stats(cells[(c, t)])[0] for c in combos if cells.get((c, t))]
+        best[t] = max(means) if means else None
+    header = ["setting"] + [f"{t} ({metric_names[t]})" if t in metric_names else t for t in tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in combos:
+        base = baseline_of(c)
+        out = [c]
+        for t in tasks:
+            vals = cells.get((c, t))
+            if not vals:
+                out.append("–")
+                continue
+            m, s = _stats(vals)
+            text = f"{m:.1f} ± {s:.1f}"
+            if base is not None and base != c and cells.get((base, t)):
+                text += f" (Δ {m - _stats(cells[(base, t)])[0]:+.1f})"
+            if best[t] is not None and abs(m - best[t]) < 1e-9:
+                text = f"**{text}**"
+            out.append(text)
+        lines.append("| " + " | ".join(out) + " |")
+    n_seeds = max((len(v) for v in cells.values()), default=0)
+    lines.append("")
+    lines.append(f"Mean ± std over {n_seeds} seed(s) on the test split; Δ against the single-task "
+                 "baseline (sharing.strategy=none) with the same other settings; best mean in bold.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(rows: list[dict[str, str]], path: str | Path) -> None:
+    """Grouped bars: per task (x), one bar per combination, error bars = std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    combos, tasks, cells = aggregate(rows)
+    x = np.arange(len(tasks))
+    width = 0.8 / max(1, len(combos))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(combos)) / 2), 4))
+    for k, c in enumerate(combos):
+        stats = [_stats(cells[(c, t)]) if cells.get((c, t)) else (0.0, 0.0) for t in tasks]
+        ax.bar(x + k * width - 0.4 + width / 2, [m for m, _ in stats], width,
+               yerr=[s for _, s in stats], capsize=2, label=c)
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylabel("test metric (0-100)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: str | Path,
+                ylabel: str = "training loss") -> None:
+    """One line per combination: the mean over seeds of (step, value) curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for combo, runs in curves.items():
+        by_step: dict[int, list[float]] = defaultdict(list)
+        for run in runs:
+            for step, value in run:
+                by_step[step].append(value)
+        steps = sorted(by_step)
+        ax.plot(steps, [mean(by_step[s]) for s in steps], label=combo)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_curve(metrics_path: str | Path, key: str = "loss") -> list[tuple[int, float]]:
+    out = []
+    path = Path(metrics_path)
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        rec: dict[str, Any] = json.loads(line)
+        if rec.get("event") == "train" and key in rec:
+            out.append((int(rec["step"]), float(rec[key])))
+    return out
