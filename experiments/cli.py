@@ -122,7 +122,8 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
     try:
         args = _parser().parse_args(argv)
         COMMANDS[args.command](args)

@@ -1,0 +1,281 @@
+"""The training loop: one readable function, no trainer classes or callbacks.
+
+``train(cfg, specs, run_dir)`` reads top to bottom: data and tokenizer -> model -> objective,
+weighting, optimiser -> loop (sample, collate, forward, losses, weighted backward, guard against
+non-finite values, clip, step) -> periodic evaluation, logging and atomic checkpoints -> final
+evaluation on the test split with the best validation weights -> ``summary.json``.
+
+Resuming (``resume=True``) restores model, optimiser, scheduler, weighting, sampler position,
+template RNG and torch's RNG from the last checkpoint and truncates ``metrics.jsonl`` to what
+that checkpoint had written, so on CPU the resumed run ends bit-identical to an uninterrupted
+one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import losses
+from core.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, read_json,
+                             save_checkpoint, save_weights, write_json)
+from core.collate import CollateReport, collate
+from core.data import TaskData
+from core.evaluate import evaluate
+from core.optim import freeze, lr_lambda, make_optimizer
+from core.sampling import MixtureSampler
+from core.tasks import TaskSpec
+from core.tokenizer import Tokenizer
+from heads import build_model
+from heads.objective import MultiTaskObjective
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokenizer_corpus(data: TaskData) -> list[str]:
+    """Every source and target text of the training split (held-out tasks' evaluation texts
+    are not seen), plus every task's label words and template texts."""
+    texts = []
+    for name in data.train_tasks:
+        for ex in data.examples[name]["train"]:
+            texts += [ex.source, ex.target]
+    for spec in data.specs.values():
+        texts += list(spec.labels or []) + list(spec.templates)
+    return texts
+
+
+def setup(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bool):
+    """Data, tokenizer and model for a run directory (shared by train, eval and generate)."""
+    data = TaskData.load(specs)
+    tok_path = run_dir / "tokenizer.model"
+    if fresh_tokenizer:
+        tokenizer = Tokenizer.train(tokenizer_corpus(data), cfg.data.vocab_size,
+                                    model_type=cfg.data.tokenizer)
+        tokenizer.save(tok_path)
+    else:
+        tokenizer = Tokenizer.load(tok_path)
+    model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    seed_everything(cfg.train.seed)  # the initialisation depends on the seed only
+    model = build_model(model_cfg, specs, cfg.sharing).to(cfg.train.device)
+    return data, tokenizer, model
+
+
+def _eval_kwargs(cfg: Any) -> dict[str, int]:
+    return dict(limit=cfg.data.eval_examples, batch_size=max(cfg.train.batch_size, 32),
+                max_source_len=cfg.data.max_source_len, max_target_len=cfg.data.max_target_len,
+                max_new_tokens=cfg.train.generation_max_tokens)
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Train one run; returns the summary written to ``run_dir/summary.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and not (run_dir / "tokenizer.model").exists():
+        resume = False  # nothing was saved yet: start from scratch
+    t = cfg.train
+    data, tokenizer, model = setup(cfg, specs, run_dir, fresh_tokenizer=not resume)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    n_layers = {"encoder": cfg.model.n_encoder_layers, "decoder": cfg.model.n_decoder_layers}
+    if t.peft:
+        from core.peft import apply_peft
+        options = dict(t.peft)
+        apply_peft(model, options.pop("method", "lora"), **options)
+    if t.train_top_layers is not None or t.train_only:
+        freeze(model, train_top_layers=t.train_top_layers, train_only=t.train_only, n_layers=n_layers)
+    names = data.train_tasks
+    loss_options = {s.name: cfg.losses.get(s.name, cfg.losses.get(s.loss_name, {})) for s in specs}
+    objective = MultiTaskObjective(specs, cfg.sharing, loss_options)
+    weighting = losses.get_weighting(cfg.weighting.method)(names, **cfg.weighting.options)
+    weighting.to(t.device)
+    params = list(model.named_parameters()) + list(weighting.named_parameters())
+    optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay,
+                               betas=tuple(t.betas), device=torch.device(t.device))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup=t.warmup_steps, total=t.max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+    sampler = MixtureSampler(data.sizes("train"), cfg.data.sampling, temperature=cfg.data.temperature,
+                             cap=data.caps or cfg.data.cap, seed=t.seed)
+    template_rng = random.Random(t.seed)
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    report = CollateReport()
+    state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "evals_since_best": 0,
+                             "bad_steps": 0, "consecutive_bad": 0, "metrics_bytes": 0,
+                             "epoch_losses": {}}
+    metrics_path = run_dir / "metrics.jsonl"
+    if ckpt is not None:
+        tensors, state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        weighting.load_state_dict(tensors["weighting"])
+        torch.set_rng_state(tensors["torch_rng"])
+        sampler.load_state_dict(state["sampler"])
+        template_rng.setstate(_to_tuple(state["template_rng"]))
+        with open(metrics_path, "a") as f:  # drop lines written after the checkpoint
+            f.truncate(state["metrics_bytes"])
+    else:
+        metrics_path.write_text("")
+        seed_everything(t.seed)
+    micro = t.batch_size // t.grad_accum
+    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not progress, dynamic_ncols=True)
+    model.train()
+    stop = False
+    while state["step"] < t.max_steps and not stop:
+        step = state["step"]
+        t0 = time.perf_counter()
+        model.set_progress(step / t.max_steps)
+        step_losses: dict[str, float] = {}
+        logs: dict[str, float] = {}
+        finite, n_tokens = True, 0
+        for _ in range(t.grad_accum):
+            rows = [data.get(task, "train", i, template_rng) for task, i in sampler.next_batch(micro)]
+            batch = collate(rows, tokenizer, data.task_index, max_source_len=cfg.data.max_source_len,
+                            max_target_len=cfg.data.max_target_len, truncation=cfg.data.truncation,
+                            report=report).to(t.device)
+            n_tokens += int(batch.src_mask.sum() + batch.tgt_mask.sum())
+            with torch.autocast(torch.device(t.device).type, dtype=torch.bfloat16, enabled=t.bf16):
+                result = objective(model, model(batch), batch)
+            task_losses = {k: v.float() / t.grad_accum for k, v in result.task_losses.items()}
+            extra = sum(result.extra.values()) / t.grad_accum if result.extra else None
+            if not all(torch.isfinite(v) for v in task_losses.values()) or \
+                    (extra is not None and not torch.isfinite(extra)):
+                finite = False
+                break
+            weights = weighting.backward(task_losses, shared, extra=extra)
+            for k, v in task_losses.items():
+                step_losses[k] = step_losses.get(k, 0.0) + float(v.detach())
+            logs.update({k: v for k, v in result.logs.items() if not k.startswith("loss/")})
+            logs.update({f"weight/{k}": float(w) for k, w in weights.items()})
+        trainable = [p for _, p in params if p.requires_grad and p.grad is not None]
+        if finite:
+            max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+            finite = np.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            state["consecutive_bad"] = 0
+        else:  # never update parameters with non-finite values
+            state["bad_steps"] += 1
+            state["consecutive_bad"] += 1
+            if state["consecutive_bad"] >= t.max_bad_steps:
+                raise FloatingPointError(
+                    f"{state['consecutive_bad']} consecutive steps with non-finite loss or "
+                    f"gradient (train.max_bad_steps={t.max_bad_steps}); stopped at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        for k, v in step_losses.items():
+            acc = state["epoch_losses"].setdefault(k, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v, acc[1] + 1
+        seconds = time.perf_counter() - t0
+        loss = sum(step_losses.values())
+        _log(metrics_path, {"event": "train", "step": step, "loss": loss, "finite": bool(finite),
+                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / seconds,
+                            **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                        tok_s=f"{n_tokens / seconds:.0f}")
+        bar.update(1)
+        if step % t.eval_every == 0 or step == t.max_steps:
+            stop = _evaluate_and_track(cfg, model, data, tokenizer, weighting, state, run_dir, step)
+        if step % t.save_every == 0 or step == t.max_steps or stop:
+            state["metrics_bytes"] = metrics_path.stat().st_size
+            state["sampler"] = sampler.state_dict()
+            state["template_rng"] = template_rng.getstate()
+            tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "weighting": weighting.state_dict(), "torch_rng": torch.get_rng_state()}
+            save_checkpoint(run_dir, step, model, tensors, json.loads(json.dumps(state)))
+    bar.close()
+    return _finish(cfg, model, data, tokenizer, state, run_dir, report)
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _evaluate_and_track(cfg, model, data, tokenizer, weighting, state, run_dir, step) -> bool:
+    """Validation metrics, best-weights tracking, DWA's epoch, early stopping. True = stop."""
+    scores = evaluate(model, data, tokenizer, "validation", **_eval_kwargs(cfg))
+    _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "validation", "step": step, **scores})
+    epoch = {k: s / n for k, (s, n) in state["epoch_losses"].items() if n}
+    if epoch:
+        weighting.end_epoch(epoch)  # an "epoch" for DWA is one evaluation interval
+    state["epoch_losses"] = {}
+    key = cfg.train.early_stopping_metric
+    if key not in scores:
+        raise ValueError(f"train.early_stopping_metric {key!r} is not evaluated; choose one of "
+                         f"{', '.join(scores)}")
+    if state["best"] is None or scores[key] > state["best"]:
+        state["best"], state["best_step"], state["evals_since_best"] = scores[key], step, 0
+        save_weights(run_dir / "best.safetensors", model)
+    else:
+        state["evals_since_best"] += 1
+    patience = cfg.train.early_stopping_patience
+    return patience is not None and state["evals_since_best"] >= patience
+
+
+def _finish(cfg, model, data, tokenizer, state, run_dir, report) -> dict[str, Any]:
+    if (run_dir / "best.safetensors").exists():
+        load_weights(run_dir / "best.safetensors", model)
+    test = evaluate(model, data, tokenizer, "test", **_eval_kwargs(cfg))
+    _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "test", "step": state["step"], **test})
+    train_records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in train_records if r.get("event") == "train"]
+    summary = {
+        "test": test, "steps": state["step"], "best_step": state["best_step"],
+        "best_validation": state["best"], "bad_steps": state["bad_steps"],
+        "metrics": {n: s.metric_name for n, s in data.specs.items()},
+        "held_out": data.held_out_tasks,
+        "tokens_per_s": float(np.median(speeds)) if speeds else None,
+        "truncation": {"truncated_source": report.truncated_source,
+                       "truncated_target": report.truncated_target, "dropped": report.dropped},
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def load_run(run_dir: Path):
+    """Config, data, tokenizer and model (final weights) of an existing run directory."""
+    from experiments.config import RunConfig
+    from experiments.runs import resolve_tasks
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    data, tokenizer, model = setup(cfg, resolve_tasks(cfg), run_dir, fresh_tokenizer=False)
+    load_weights(run_dir / "model.safetensors", model)
+    model.eval()
+    return cfg, data, tokenizer, model
+
+
+def evaluate_run(run_dir: Path, split: str = "test") -> dict[str, float]:
+    cfg, data, tokenizer, model = load_run(run_dir)
+    return evaluate(model, data, tokenizer, split, **_eval_kwargs(cfg))
+
+
+def generate_text(run_dir: Path, task: str, text: str, *, method: str = "greedy",
+                  max_new_tokens: int = 48) -> str:
+    from core.data import Example, apply_template, format_source
+    from core.generation import generate
+    cfg, data, tokenizer, model = load_run(run_dir)
+    if task not in data.specs:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(data.specs)}")
+    spec = data.specs[task]
+    raw = Example(task, source=format_source(text), target="", meta={"input": text})
+    src = torch.tensor([tokenizer.encode(apply_template(raw, spec).source)])
+    ids = generate(model.for_task(task), src, max_new_tokens=max_new_tokens, method=method,
+                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return tokenizer.decode(ids[0].tolist())
