@@ -1,1 +1,29 @@
-"""polytask losses package."""
+"""polytask losses: pluggable task losses, coupling penalties and task weighting.
+
+A config names a loss (``TaskSpec.loss``) or a weighting (``weighting.method``) by its
+registered name::
+
+    criterion = losses.get("ce")(label_smoothing=0.1)
+    weighting = losses.get_weighting("gradnorm")(task_names, alpha=1.5)
+
+Built-in losses: ``ce``, ``generative``, ``adversarial``, ``orthogonality``, ``soft_sharing``.
+Built-in weightings: ``static``, ``uncertainty``, ``gradnorm``, ``dwa``, ``pcgrad``, ``famo``.
+"""
+from losses.registry import LOSSES, WEIGHTINGS, get, get_weighting, register, register_weighting
+
+# Importing the modules registers their entries.
+from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
+from losses.generative import GenerativeLoss  # noqa: E402
+from losses.adversarial import (AdversarialLoss, GradientReversal, TaskDiscriminator,  # noqa: E402
+                                ganin_lambda, grad_reverse)
+from losses.penalties import (OrthogonalityPenalty, SoftSharingPenalty,  # noqa: E402
+                              orthogonality_penalty, soft_sharing_penalty)
+from losses.weighting import Weighting, task_gradients  # noqa: E402
+
+__all__ = [
+    "LOSSES", "WEIGHTINGS", "get", "get_weighting", "register", "register_weighting",
+    "CrossEntropyLoss", "GenerativeLoss", "AdversarialLoss", "GradientReversal",
+    "TaskDiscriminator", "ganin_lambda", "grad_reverse", "OrthogonalityPenalty",
+    "SoftSharingPenalty", "orthogonality_penalty", "soft_sharing_penalty", "Weighting",
+    "task_gradients",
+]

@@ -1,0 +1,136 @@
+"""The task-weighting interface shared by every method, and the one place where per-task
+gradients are computed.
+
+A weighting turns the per-task losses of one training step into parameter gradients. Some
+methods only choose weights w_i for the objective sum_i w_i L_i (static, uncertainty, DWA,
+GradNorm, FAMO); others combine per-task gradients directly (PCGrad). Both fit one call:
+
+    weights = weighting.backward(losses, shared_params, extra=penalty)
+    optimizer.step()
+
+Interface (every method):
+    Weighting(task_names, **options)
+        ``task_names``: every task of the run, in the run's order (k tasks).
+    backward(losses, shared_params, *, extra=None, last_shared=None) -> dict[str, float]
+        ``losses``: task name -> scalar loss of this step. Tasks absent from the dict (a mixed
+        batch without rows of that task, partial labels) contribute nothing and their state
+        is left alone. Names not in ``task_names`` raise ``ValueError``.
+        ``shared_params``: the parameters shared by the tasks (``model.shared_parameters()``);
+        gradient-surgery methods act on these only, other parameters get the plain gradient.
+        ``extra``: an unweighted scalar added to the objective (coupling / orthogonality /
+        adversarial terms); it is never reweighted or projected.
+        ``last_shared``: GradNorm's W, the parameters of the last shared layer; default
+        ``[shared_params[-1]]``. Ignored by the other methods.
+        Accumulates gradients into ``.grad`` (like ``loss.backward()``; the loop zeroes them)
+        and returns the weight each present task received, for logging.
+    end_epoch(mean_losses)   epoch-level mean loss per task (DWA uses it; others ignore it).
+    after_step(new_losses)   losses of the same tasks after the optimizer step (FAMO).
+
+Parameters: ``weighting.parameters()`` holds exactly what the training loop must add to its
+optimizer (uncertainty's log-variances). Methods with their own update rule (GradNorm's
+weights, FAMO's logits, DWA's loss history) keep their state in buffers, so it is saved in the
+``state_dict`` but never touched by the model's optimizer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Gradient of each task loss w.r.t. ``params``, flattened and concatenated: name -> ``(P,)``.
+
+    Parameters a loss does not reach get zeros. The graph is retained so the caller can still
+    backpropagate the total. This is the single place per-task gradients are formed: under
+    DDP, all-reduce (average) each vector here, before any surgery or norm uses it.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("per-task gradients need at least one shared parameter")
+    out: dict[str, Tensor] = {}
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                               for g, p in zip(grads, params)])
+    return out
+
+
+def add_flat_grad(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Add a flattened gradient vector ``(P,)`` into the ``.grad`` of ``params``."""
+    offset = 0
+    for p in params:
+        piece = flat[offset:offset + p.numel()].view_as(p)
+        p.grad = piece.clone() if p.grad is None else p.grad + piece
+        offset += p.numel()
+
+
+class Weighting(nn.Module):
+    """Base class; see the module docstring for the interface every method follows.
+
+    Subclasses that only choose loss weights implement :meth:`objective`; the default
+    :meth:`backward` differentiates it (+ ``extra``).
+    """
+
+    def __init__(self, task_names: Sequence[str]) -> None:
+        super().__init__()
+        names = list(task_names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"task_names must be non-empty strings, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task_names has duplicates: {names}")
+        self.task_names = names
+        self.index = {n: i for i, n in enumerate(names)}
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    def present(self, losses: dict[str, Tensor] | dict[str, float]) -> list[str]:
+        """The tasks of this step, in run order; unknown names raise ``ValueError``."""
+        unknown = [n for n in losses if n not in self.index]
+        if unknown:
+            raise ValueError(f"losses for unknown tasks {unknown}; known: {', '.join(self.task_names)}")
+        return [n for n in self.task_names if n in losses]
+
+    def objective(self, losses: dict[str, Tensor]) -> tuple[Tensor | None, dict[str, float]]:
+        """``(scalar to differentiate, weights used)`` for the tasks in ``losses``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement objective() or backward()")
+
+    def backward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter], *,
+                 extra: Tensor | None = None,
+                 last_shared: Sequence[nn.Parameter] | None = None) -> dict[str, float]:
+        present = self.present(losses)
+        total, weights = self.objective({n: losses[n] for n in present}) if present else (None, {})
+        run_backward(total, extra)
+        return weights
+
+    def end_epoch(self, mean_losses: dict[str, float]) -> None:
+        """Epoch-level mean task losses; only epoch-based methods (DWA) use them."""
+        self.present(mean_losses)
+
+    def after_step(self, new_losses: dict[str, Tensor] | dict[str, float]) -> None:
+        """Losses observed after the optimizer step; only FAMO uses them."""
+        self.present(new_losses)
+
+
+def run_backward(total: Tensor | None, extra: Tensor | None) -> None:
+    """Backpropagate ``total + extra``, skipping whatever is absent or constant."""
+    terms = [t for t in (total, extra) if t is not None]
+    if not terms:
+        return
+    objective = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    if objective.requires_grad:
+        objective.backward()
+
+
+def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float | Tensor]) -> Tensor:
+    """sum_i w_i L_i over the tasks in ``losses``."""
+    terms = [weights[n] * loss for n, loss in losses.items()]
+    if not terms:
+        raise ValueError("weighted_sum needs at least one task loss")
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
