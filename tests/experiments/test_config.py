@@ -1,0 +1,68 @@
+"""Run configs: typed sections, dotted overrides, loud errors; every shipped config validates."""
+from pathlib import Path
+
+import pytest
+
+from experiments.ablate import expand_grid, plan
+from experiments.config import RunConfig, apply_overrides, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_parsed_as_yaml_scalars_not_code():
+    got = parse_overrides(["train.lr=1e-3", "sharing.strategy=soft", "train.bf16=true",
+                           "model.n_kv_heads=null", "data.cap=__import__('os')"])
+    assert got == {"train.lr": 1e-3, "sharing.strategy": "soft", "train.bf16": True,
+                   "model.n_kv_heads": None, "data.cap": "__import__('os')"}
+
+
+def test_override_sets_nested_key_without_touching_the_original():
+    base = {"train": {"lr": 0.1}}
+    out = apply_overrides(base, {"train.max_steps": 7, "model.d_model": 32})
+    assert out == {"train": {"lr": 0.1, "max_steps": 7}, "model": {"d_model": 32}}
+    assert base == {"train": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown config key train.max_step; known keys: max_steps"),
+    ("model.norm=batchnorm", "model.norm = 'batchnorm' is invalid: expected one of 'layernorm', 'rmsnorm'"),
+    ("sharing.strategy=shared", "sharing.strategy = 'shared' is invalid"),
+    ("optimizer.lr=1", "unknown config section 'optimizer'"),
+    ("train.batch_size=0", "train.batch_size = 0 must be positive"),
+    ("train.lr", "must look like section.key=value"),
+    ("data.sampling=random", "data.sampling = 'random' is invalid: expected one of 'proportional'"),
+])
+def test_bad_override_names_the_key_and_value(override, message):
+    tiny = Path(__file__).parents[2] / "experiments" / "configs" / "tiny.yaml"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(tiny, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 64\n  n_heads: [4\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+
+
+def test_task_list_config(tmp_path):
+    cfg = RunConfig.from_dict({"tasks": [{"name": "a", "kind": "classification",
+                                          "labels": ["x", "y"]}]})
+    assert cfg.tasks[0].labels == ["x", "y"] and cfg.tasks[0].loss_name == "ce"
+    with pytest.raises(ValueError, match="declares no labels"):
+        RunConfig.from_dict({"tasks": [{"name": "a", "kind": "classification"}]})
+
+
+def test_grid_expansion_is_the_cartesian_product():
+    combos = expand_grid({"a": [1, 2], "b": ["x", "y", "z"]})
+    assert len(combos) == 6 and combos[0] == {"a": 1, "b": "x"} and combos[-1] == {"a": 2, "b": "z"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    runs = plan(path)  # validates every grid point and seed before anything runs
+    assert runs
+    from experiments.runs import resolve_tasks
+    from heads.plan import make_plan
+    for _, _, _, cfg in runs:
+        make_plan(cfg.sharing, cfg.model, resolve_tasks(cfg))
