@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
