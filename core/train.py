@@ -45,15 +45,9 @@ def seed_everything(seed: int) -> None:
 
 
 def tokenizer_corpus(data: TaskData) -> list[str]:
-    """Every source and target text of the training split (held-out tasks' evaluation texts
-    are not seen), plus every task's label words and template texts."""
-    texts = []
-    for name in data.train_tasks:
-        for ex in data.examples[name]["train"]:
-            texts += [ex.source, ex.target]
-    for spec in data.specs.values():
-        texts += list(spec.labels or []) + list(spec.templates)
-    return texts
+    """The training texts (sources with filled templates, targets, label words); held-out
+    tasks' evaluation texts are never seen."""
+    return list(data.corpus())
 
 
 def setup(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bool):

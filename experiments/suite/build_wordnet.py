@@ -11,7 +11,8 @@ the package. The output is a deterministic function of the input files and ``--s
 
 Tasks (words are single lower-case lemmas; "first sense" is WordNet's most frequent sense):
     wn_define    word -> definition of its first sense           (generation)
-    wn_reverse   definition -> word: wn_define inverted, on the same splits
+    wn_reverse   definition -> word: wn_define inverted, on the same splits (synonyms share a
+                 gloss, so each gloss keeps only its most frequent word)
     wn_pos       word -> noun / verb / adjective / adverb, words with a single part of speech
     wn_lexname   word -> lexicographer file (45 classes, ``man 5 lexnames``), monosemous words
     wn_hypernym  noun -> first lemma of the first hypernym of its first sense

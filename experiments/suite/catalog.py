@@ -78,7 +78,7 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in (
                       "Which bit occurs most often? Options: {options}"),
          "classification", ("0", "1"), description="odd-length bit string -> majority bit"),
     _wn("wn_define", ("What does this word mean?", "Give a dictionary definition of the word."),
-        metric="token_f1", description="word -> gloss of its most frequent sense"),
+        metric="rouge_l", description="word -> gloss of its most frequent sense"),
     _wn("wn_reverse", ("Name the word defined here.", "Find the word for this definition."),
         description="gloss -> word (wn_define inverted, same splits)"),
     _wn("wn_pos", ("Is this word a {options}?", "Give the part of speech of the word."),

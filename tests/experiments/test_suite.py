@@ -27,6 +27,8 @@ def test_specs_are_complete():
         assert len(spec.templates) >= 3 and len(set(spec.templates)) == len(spec.templates)
         assert (spec.kind == "classification") == bool(spec.labels) == (spec.group == "understanding")
     assert len(task_spec("wn_lexname").labels) == 45
+    from core.metrics import METRICS
+    assert {TASKS[n].metric for n in TASKS} <= set(METRICS)  # every metric is registered
     held = [s.name for s in load_suite("heldout") if s.held_out]
     assert held == ["sort", "wn_reverse"]
 
@@ -100,3 +102,25 @@ def test_docs_table_is_current_and_data_is_small():
     total = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
     assert total < 2_000_000
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in (DATA_DIR / "WORDNET_LICENSE").read_text()
+
+
+def test_tiny_suite_end_to_end_to_a_batch():
+    """Suite -> TaskData -> tokenizer -> mixture sampler -> templates -> collate -> Batch."""
+    import random
+
+    from core.collate import collate
+    from core.sampling import MixtureSampler
+    from core.tokenizer import Tokenizer
+
+    data = TaskData.load(load_suite("tiny"))
+    tok = Tokenizer.train(data.corpus(), vocab_size=64)
+    sampler = MixtureSampler(data.sizes(), "temperature", seed=0)
+    rng = random.Random(0)
+    rows = [data.get(task, "train", i, rng) for task, i in sampler.next_batch(16)]
+    batch = collate(rows, tok, data.task_index, max_source_len=128, max_target_len=16,
+                    truncation="error")
+    assert batch.task_ids.tolist() == [data.task_index[r.task] for r in rows]
+    assert tok.decode_batch(batch.labels.clamp(min=0)) == [r.target for r in rows]
+    assert tok.decode_batch(batch.src) == [r.source for r in rows]
+    parity = batch.task_ids == data.task_index["parity"]
+    assert parity.any() and (batch.class_ids[parity] >= 0).all() and (batch.class_ids[~parity] < 0).all()

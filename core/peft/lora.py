@@ -1,0 +1,115 @@
+"""LoRA: low-rank adaptation of linear layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of
+Large Language Models", section 4.1).
+
+A frozen ``W x + b`` becomes ``W x + b + (alpha / r) * B A dropout(x)`` with ``A`` ``(r, in)``
+Kaiming-uniform and ``B`` ``(out, r)`` zero, so the adapted layer equals the base layer until
+``B`` is trained. ``merge()`` folds ``(alpha / r) B A`` into ``W`` for inference with no extra
+cost; ``unmerge()`` takes it out again (both up to floating-point rounding).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base``) plus a trainable rank-``r`` update.
+
+    Args:
+        base: the linear layer to adapt; its parameters are frozen here.
+        r: rank of the update (> 0).
+        alpha: scaling numerator; the update is multiplied by ``alpha / r`` (Hu et al. 4.1: so
+            changing ``r`` needs no retuning of the learning rate).
+        dropout: dropout on the update's input only (as in the paper's released code).
+
+    Shapes: ``(..., in_features)`` -> ``(..., out_features)``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA adapts nn.Linear layers, got {type(base).__name__}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r ({r}) must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout ({dropout}) must be in [0, 1)")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        # The reference implementation's init for A (loralib / PEFT): kaiming_uniform, a=sqrt(5).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (includes the update only while merged)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B A``, shape ``(out, in)``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        # Two thin matmuls, (.., in) -> (.., r) -> (.., out); never materialise B A here.
+        update = (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T
+        return out + update * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (no-op when already merged)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again (no-op when not merged)."""
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every :class:`LoRALinear` in ``model`` (for inference or export)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo :func:`merge_lora` (to continue training)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+
+
+def unwrap_lora(model: nn.Module) -> list[str]:
+    """Merge every :class:`LoRALinear` and put its (now updated) ``base`` linear back in its
+    place, so the model has its original module tree and ``state_dict`` keys again (to save a
+    plain checkpoint). Returns the names of the unwrapped modules."""
+    names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = getattr(parent, child)
+        lora.merge()
+        setattr(parent, child, lora.base)
+    return names
