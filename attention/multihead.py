@@ -18,6 +18,28 @@ from attention.functional import scaled_dot_product_attention
 from attention.kv_cache import KVCache
 
 
+def _plain(*projections: nn.Module) -> bool:
+    """True when every projection is an un-hooked ``nn.Linear`` (not, e.g., a LoRA wrapper),
+    so that concatenating their weights computes exactly what calling them would."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+               for m in projections)
+
+
+def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
+    """``[p(x) for p in projections]`` computed as ONE matmul with the weights concatenated.
+
+    Why faster: one GEMM of width ``sum(n_out)`` instead of several narrow ones reads ``x`` once,
+    runs the BLAS kernel at a better aspect ratio, and in backward gives one weight-gradient
+    GEMM, one bias reduction and no accumulation of the input gradients from separate branches.
+    The weights are concatenated at call time (a copy of ``3·d²`` floats, small next to the
+    ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
+    """
+    weight = torch.cat([p.weight for p in projections])
+    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    out = torch.nn.functional.linear(x, weight, bias)
+    return list(out.split([p.out_features for p in projections], dim=-1))
+
+
 class MultiHeadAttention(nn.Module):
     """Args:
         d_model: model width.
@@ -48,10 +70,32 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.out_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
 
+    #: use the fused q/k/v (self-attention) and k/v (cross-attention) projections when the
+    #: projections are plain Linears; False forces the separate, obvious path (its twin).
+    fused: bool = True
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries ``(b, h, i, d)`` of ``x`` ``(b, i, d_model)``."""
+        return rearrange(self.q_proj(x), "b i (h d) -> b h i d", h=self.n_heads)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
+        if not (self.fused and _plain(self.q_proj, self.k_proj, self.v_proj)):
+            return (self._q(x), *self._kv(x))
+        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        # rearrange of a split gives strided views of the fused output: no copies.
+        return (rearrange(q, "b i (h d) -> b h i d", h=self.n_heads),
+                rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
+                rearrange(v, "b j (h d) -> b h j d", h=self.n_kv_heads))
+
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = rearrange(self.k_proj(c), "b j (h d) -> b h j d", h=self.n_kv_heads)
-        v = rearrange(self.v_proj(c), "b j (h d) -> b h j d", h=self.n_kv_heads)
-        return k, v
+        """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
+        if self.fused and _plain(self.k_proj, self.v_proj):
+            k, v = fused_linear(c, self.k_proj, self.v_proj)
+        else:
+            k, v = self.k_proj(c), self.v_proj(c)
+        return (rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
+                rearrange(v, "b j (h d) -> b h j d", h=self.n_kv_heads))
 
     def forward(
         self,
@@ -77,18 +121,21 @@ class MultiHeadAttention(nn.Module):
 
         Returns ``(b, i, d_model)``.
         """
-        q = rearrange(self.q_proj(x), "b i (h d) -> b h i d", h=self.n_heads)
         offset = cache.length if (cache is not None and context is None) else 0
+        if x.shape[1] == 1:
+            # One query, diagonal aligned bottom-right: it may see every key, so causal is a
+            # no-op; dropping it lets the kernel skip building a mask on every decoding step.
+            causal = False
         if context is None:
-            k, v = self._kv(x)
+            q, k, v = self._qkv(x)
             if rope is not None:
                 q, k = rope(q, offset), rope(k, offset)
             if cache is not None:
                 k, v = cache.update(k, v)
         elif cache is not None and cache.is_set:
-            k, v = cache.k, cache.v
+            q, k, v = self._q(x), cache.k, cache.v
         else:
-            k, v = self._kv(context)
+            q, (k, v) = self._q(x), self._kv(context)
             if cache is not None:
                 cache.set_static(k, v)
         out = scaled_dot_product_attention(

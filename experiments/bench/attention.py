@@ -36,9 +36,10 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def _step(kernel: Callable[..., torch.Tensor], q, k, v, causal: bool, **kw) -> None:
-    q.grad = k.grad = v.grad = None
     out = kernel(q, k, v, None, causal=causal, scale=1.0 / math.sqrt(q.shape[-1]), **kw)
-    out.backward(torch.ones_like(out))
+    # autograd.grad returns the gradients instead of accumulating them into .grad, so every
+    # step allocates (and the profiler sees) the same tensors.
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 
 def peak_bytes(fn: Callable[[], None]) -> int:
