@@ -1,0 +1,82 @@
+"""``build_model``: wire backbones, plan, heads and discriminator into a ``MultiTaskModel``.
+
+The only place that reads the configs; :class:`heads.model.MultiTaskModel` receives its parts
+(STYLE 4: compose, don't configure internals).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.config import ModelConfig
+from core.tasks import TaskSpec
+from core.transformer import EncoderDecoder
+from heads.classifier import ClassifierHead
+from heads.config import SharingConfig
+from heads.cross_stitch import CrossStitch
+from heads.model import MultiTaskModel
+from heads.plan import make_plan
+from heads.rank import RankHead
+from losses.adversarial import GradientReversal, TaskDiscriminator
+
+
+def build_discriminator(sharing: SharingConfig, d_model: int, n_tasks: int) -> TaskDiscriminator:
+    """Liu et al. (2017)'s task discriminator behind a gradient-reversal layer whose coefficient
+    is ``sharing.grl_lambda`` (fixed) or Ganin & Lempitsky's schedule (``"schedule"``)."""
+    if n_tasks < 2:
+        raise ValueError(f"sharing.adversarial = true needs >= 2 tasks, got {n_tasks}")
+    if sharing.grl_lambda == "schedule":
+        grl = GradientReversal(1.0, schedule="ganin", gamma=sharing.grl_gamma)
+    else:
+        grl = GradientReversal(float(sharing.grl_lambda), schedule="fixed")
+    return TaskDiscriminator(d_model, n_tasks, hidden=d_model, grl=grl)
+
+
+def _as_task(t: TaskSpec | dict[str, Any]) -> TaskSpec:
+    return t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t)
+
+
+def build_model(model_config: ModelConfig | Any, tasks: list[TaskSpec] | None = None,
+                sharing: SharingConfig | dict[str, Any] | None = None) -> MultiTaskModel:
+    """``build_model(model_config, tasks, sharing)`` or ``build_model(run_config)`` (any object
+    with ``.model``, ``.tasks`` and ``.sharing``).
+
+    Every task gets a freshly initialised backbone (so ``none`` gives independent single-task
+    models); ``soft`` then copies task 0's state into every copy, so the coupled copies start
+    equal (Duong et al. 2015). Shared slots keep the module of the group's first task.
+    """
+    if tasks is None:
+        run = model_config
+        if not all(hasattr(run, a) for a in ("model", "tasks", "sharing")):
+            raise ValueError("build_model(config) needs an object with .model, .tasks and "
+                             f".sharing, got {type(run).__name__}")
+        model_config, tasks, sharing = run.model, run.tasks, run.sharing
+    if isinstance(model_config, dict):
+        model_config = ModelConfig.from_dict(model_config)
+    if sharing is None or isinstance(sharing, dict):
+        sharing = SharingConfig.from_dict(sharing)
+    specs = [_as_task(t) for t in tasks]
+    plan = make_plan(sharing, model_config, specs)
+    backbones = [EncoderDecoder(model_config) for _ in specs]
+    if plan.coupled:
+        state = backbones[0].state_dict()
+        for bb in backbones[1:]:
+            bb.load_state_dict(state)
+    heads = {t.name: ClassifierHead(model_config.d_model, len(t.labels or []),
+                                    sharing.classifier_hidden, sharing.classifier_pooling,
+                                    model_config.dropout)
+             for t in specs if t.head_kind == "classifier"}
+    heads.update({t.name: RankHead(sharing.rank_normalize) for t in specs if t.head_kind == "rank"})
+    discriminator = (build_discriminator(sharing, model_config.d_model, len(specs))
+                     if sharing.adversarial else None)
+    stitch = (CrossStitch(len(specs), model_config.n_encoder_layers, model_config.n_decoder_layers)
+              if sharing.cross_stitch else None)
+    return MultiTaskModel(backbones, specs, plan, heads, discriminator, stitch)
+
+
+@torch.no_grad()
+def copies_equal(model: MultiTaskModel, slot: str) -> bool:
+    """True if every group module at ``slot`` holds the same values (soft sharing at init)."""
+    states = [model.module(slot, k).state_dict() for k in range(len(model.plan.groups(slot)))]
+    return all(torch.equal(s[key], states[0][key]) for s in states[1:] for key in s)

@@ -1,0 +1,91 @@
+"""``SharingConfig``: the ``sharing:`` section of a run config, as a strict dataclass.
+
+Parameter sharing is one mechanism (see :mod:`heads.plan`); this config only says which plan to
+build and with which options:
+
+* ``strategy``: ``none`` (single-task baselines: a task shares nothing), ``hard`` (the whole
+  backbone shared, heads private; Caruana 1997), ``soft`` (private copies initialised equal and
+  pulled together by an L2 penalty, Duong et al. 2015), ``hierarchical`` (bottom
+  ``shared_layers`` of each stack shared by all tasks, the next ``group_layers`` by task group,
+  the rest by one task; Ruder 2017, Vandenhende et al. 2019 "branched" networks).
+* ``cross_stitch`` (``none`` / ``soft`` only): learned linear combinations of the task
+  columns' activations after every layer (Misra et al. 2016, :mod:`heads.cross_stitch`).
+* ``lm_head``: one LM head for all tasks (``shared``) or one per task (``per_task``).
+* classifier head: pooling ``mean`` (over real tokens) or ``first`` token, then an MLP with
+  ``classifier_hidden`` units (``None``: d_model).
+* adversarial shared-private training (Liu, Qiu & Huang 2017): a task discriminator on the
+  shared features behind a gradient-reversal layer whose coefficient ``grl_lambda`` is a fixed
+  float or ``"schedule"`` (Ganin & Lempitsky 2015: ``2 / (1 + exp(-gamma * p)) - 1`` with
+  training progress ``p`` in [0, 1] and ``grl_gamma`` = 10), plus the orthogonality penalty
+  ``||S^T P||_F^2`` weighted by ``orthogonality_weight``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from core.config import check_fields, from_dict
+
+Strategy = Literal["none", "hard", "soft", "hierarchical"]
+STRATEGIES = ("none", "hard", "soft", "hierarchical")
+
+
+@dataclass
+class SharingConfig:
+    """How tasks share the backbone, and the options of the heads and the adversarial loss.
+
+    ``shared_layers`` and ``group_layers`` are counted from the bottom of each stack (encoder
+    and decoder alike) and only used by ``hierarchical``; they are checked against the layer
+    counts of the model when the plan is built (:func:`heads.plan.make_plan`).
+    """
+
+    strategy: Strategy = "hard"
+    shared_layers: int = 1
+    group_layers: int = 1
+    soft_weight: float = 1e-2
+    cross_stitch: bool = False
+    lm_head: Literal["shared", "per_task"] = "shared"
+    classifier_pooling: Literal["mean", "first"] = "mean"
+    classifier_hidden: int | None = None
+    rank_normalize: Literal["sum", "mean"] = "sum"
+    adversarial: bool = False
+    adversarial_weight: float = 0.05
+    grl_lambda: float | Literal["schedule"] = 1.0
+    grl_gamma: float = 10.0
+    orthogonality_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sharing")
+        for name in ("shared_layers", "group_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sharing.{name} = {getattr(self, name)} must be >= 0")
+        for name in ("soft_weight", "adversarial_weight", "orthogonality_weight", "grl_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sharing.{name} = {getattr(self, name)} must be >= 0")
+        if self.classifier_hidden is not None and self.classifier_hidden <= 0:
+            raise ValueError(
+                f"sharing.classifier_hidden = {self.classifier_hidden} must be positive or null")
+        if isinstance(self.grl_lambda, float) and self.grl_lambda < 0:
+            raise ValueError(
+                f"sharing.grl_lambda = {self.grl_lambda} must be >= 0 or 'schedule'")
+        # Liu et al.'s discriminator sees *shared* features; with nothing shared there are none.
+        if self.adversarial and self.strategy in ("none", "soft"):
+            raise ValueError(
+                f"sharing.adversarial = true needs shared layers, but sharing.strategy = "
+                f"{self.strategy!r} shares none; use 'hard' or 'hierarchical'")
+        if self.cross_stitch and self.strategy not in ("none", "soft"):
+            raise ValueError(
+                f"sharing.cross_stitch = true connects private task columns; sharing.strategy "
+                f"= {self.strategy!r} shares layers; use 'none' or 'soft'")
+        if self.orthogonality_weight > 0 and self.strategy != "hierarchical":
+            raise ValueError(
+                f"sharing.orthogonality_weight = {self.orthogonality_weight} needs both shared "
+                f"and private layers (strategy 'hierarchical'), got {self.strategy!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "SharingConfig":
+        return from_dict(cls, data, "sharing")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,308 @@
+"""``MultiTaskModel``: one encoder-decoder per task, wired so that tasks share modules as the
+sharing plan says (:func:`heads.build.build_model` assembles it from the run config).
+
+How sharing is built (one mechanism for every strategy, :mod:`heads.plan`): every task gets
+its own :class:`core.transformer.EncoderDecoder` (its *view*); then, slot by slot, all views of
+a group are made to hold the SAME module object — the one of the group's first task. A task's
+view is therefore a complete EncoderDecoder routed through exactly that task's modules
+(``for_task``), and a mixed batch routes rows slot by slot (:mod:`heads.routing`), so a
+shared layer runs once on all of its tasks' rows.
+
+Which modules of an EncoderDecoder make up each slot: :mod:`heads.slots`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.batch import Batch
+from core.tasks import TaskSpec
+from core.transformer import EncoderDecoder
+from heads.cross_stitch import CrossStitch, CrossStitchView, decode_columns, encode_columns
+from heads.plan import SharingPlan, slot_names
+from heads.rank import RankHead
+from heads.routing import decode_mixed, encode_mixed, route
+from heads.slots import get_slot, set_slot
+from losses.adversarial import TaskDiscriminator
+from losses.penalties import soft_sharing_penalty
+
+DECODER_HEADS = ("lm", "rank")  # heads that run the decoder; "classifier" stops at the encoder
+
+
+@dataclass
+class TaskOutput:
+    """The model's output for the rows of one task.
+
+    rows: ``(n,)`` long, indices of the task's rows in the batch.
+    logits: ``(n, C)`` for a classifier head, ``(n, t, V)`` for an lm / rank head.
+    head: the task's head kind (``lm``, ``classifier``, ``rank``).
+    """
+
+    rows: torch.Tensor
+    logits: torch.Tensor
+    head: str
+
+
+@dataclass
+class MultiTaskOutput:
+    """``tasks``: task name -> :class:`TaskOutput` (tasks without rows are absent).
+
+    ``shared`` ``(b, s, d)``: encoder states after the last encoder slot shared by all tasks
+    (None if there is none); ``private`` ``(b, s, d)``: the encoder output when the top of the
+    encoder is not shared by all (None otherwise); ``task_logits`` ``(b, k)``: the adversarial
+    discriminator's prediction from ``shared`` (None without one); ``src_mask`` ``(b, s)``.
+    """
+
+    tasks: dict[str, TaskOutput]
+    src_mask: torch.Tensor
+    task_ids: torch.Tensor
+    shared: torch.Tensor | None = None
+    private: torch.Tensor | None = None
+    task_logits: torch.Tensor | None = None
+
+
+class MultiTaskModel(nn.Module):
+    """Per-task backbones wired by a :class:`SharingPlan`, task heads and an optional discriminator.
+
+    Args:
+        backbones: one EncoderDecoder per task, in ``tasks`` order; they become the per-task
+            views (their slot modules are replaced by the group's module).
+        tasks: the run's task specs; ``Batch.task_ids`` index this list.
+        plan: which tasks share each slot.
+        heads: task name -> classifier head, for the tasks whose head kind is ``classifier``.
+        discriminator: the adversarial task discriminator (Liu et al. 2017), or None.
+        cross_stitch: cross-stitch units between the task columns (Misra et al. 2016), or
+            None; needs a plan where every slot is private (``none`` / ``soft``).
+    """
+
+    def __init__(self, backbones: list[EncoderDecoder], tasks: list[TaskSpec], plan: SharingPlan,
+                 heads: dict[str, nn.Module] | None = None,
+                 discriminator: TaskDiscriminator | None = None,
+                 cross_stitch: CrossStitch | None = None) -> None:
+        super().__init__()
+        names = [t.name for t in tasks]
+        if tuple(names) != plan.tasks or len(backbones) != len(tasks):
+            raise ValueError(f"tasks {names}, plan tasks {list(plan.tasks)} and "
+                             f"{len(backbones)} backbones must correspond one to one")
+        if set(plan.slots) != set(slot_names(backbones[0].config)):
+            raise ValueError(f"plan slots {list(plan.slots)} do not match the backbone's "
+                             f"{slot_names(backbones[0].config)}")
+        self.tasks, self.plan, self.config = list(tasks), plan, backbones[0].config
+        self.task_index = {n: i for i, n in enumerate(names)}
+        self.slots = nn.ModuleDict()
+        self._first: dict[str, list[str]] = {}     # slot -> first task (in task order) per group
+        self._table: dict[str, list[int]] = {}     # slot -> group index of every task
+        for slot in plan.slots:
+            firsts = [next(n for n in names if n in g) for g in plan.groups(slot)]
+            modules = [get_slot(backbones[self.task_index[n]], slot) for n in firsts]
+            self.slots[slot.replace(".", "_")] = nn.ModuleList(modules)
+            self._first[slot] = firsts
+            self._table[slot] = [plan.group_index(slot, n) for n in names]
+            for n, bb in zip(names, backbones):
+                set_slot(bb, slot, modules[plan.group_index(slot, n)])
+        # a plain dict: views hold the registered modules, registering them again would
+        # duplicate every shared tensor in the state dict
+        self._views: dict[str, EncoderDecoder] = dict(zip(names, backbones))
+        self._check_views_covered()
+        heads = dict(heads or {})
+        want = {t.name for t in tasks if t.head_kind == "classifier"}
+        if not want <= set(heads) or set(heads) - {t.name for t in tasks if t.head_kind != "lm"}:
+            raise ValueError(f"heads given for {sorted(heads)}, but the tasks with a classifier "
+                             f"head are {sorted(want)} (rank tasks may add a RankHead)")
+        for t in tasks:
+            if t.head_kind == "rank":
+                heads.setdefault(t.name, RankHead())
+        self.heads = nn.ModuleList(heads.get(n, nn.Identity()) for n in names)
+        self.discriminator = discriminator
+        if cross_stitch is not None and any(len(g) > 1 for gs in plan.slots.values() for g in gs):
+            raise ValueError(f"cross-stitch units connect private task columns; plan "
+                             f"{plan.strategy!r} shares slots (use 'none' or 'soft')")
+        self.cross_stitch = cross_stitch
+
+    def _check_views_covered(self) -> None:
+        registered = {id(p) for p in self.slots.parameters()}
+        for name, view in self._views.items():
+            loose = [n for n, p in view.named_parameters() if id(p) not in registered]
+            if loose:
+                raise RuntimeError(f"view of task {name!r} has parameters outside every plan "
+                                   f"slot: {loose}; heads.model must map them to a slot")
+
+    # --- plan lookups (used by heads.routing) ------------------------------------------------
+    def module(self, slot: str, k: int) -> nn.Module:
+        return self.slots[slot.replace(".", "_")][k]
+
+    def plan_task(self, slot: str, k: int) -> str:
+        return self._first[slot][k]
+
+    def group_view(self, slot: str, k: int) -> EncoderDecoder:
+        """A view holding group ``k``'s module at ``slot`` (that of the group's first task)."""
+        return self._views[self._first[slot][k]]
+
+    def row_groups(self, slot: str, row_task: torch.Tensor) -> torch.Tensor:
+        """``(b,)`` task indices -> ``(b,)`` group index at ``slot``."""
+        return torch.tensor(self._table[slot], device=row_task.device)[row_task]
+
+    def _last_shared_encoder_slot(self) -> str | None:
+        enc = ["embedding"] + [f"encoder.{i}" for i in range(self.config.n_encoder_layers)] + ["encoder.norm"]
+        shared = [s for s in enc if len(self.plan.groups(s)) == 1]
+        return shared[-1] if shared and len(self.tasks) > 1 else None
+
+    # --- the model ---------------------------------------------------------------------------
+    def for_column(self, name: str) -> EncoderDecoder:
+        """Task ``name``'s own EncoderDecoder (its modules, without cross-stitching)."""
+        if name not in self._views:
+            raise ValueError(f"unknown task {name!r}; tasks: {', '.join(self._views)}")
+        return self._views[name]
+
+    def for_task(self, name: str) -> EncoderDecoder | CrossStitchView:
+        """The EncoderDecoder of task ``name``: ``encode``, ``decode``, ``logits``, ``new_cache``
+        all run through that task's (shared, group or private) modules; with cross-stitch
+        units, through all columns stitched together, read out at the task's column."""
+        view = self.for_column(name)
+        return CrossStitchView(self, name) if self.cross_stitch is not None else view
+
+    def _encode(self, src: torch.Tensor, src_mask: torch.Tensor, row_task: torch.Tensor,
+                keep: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """-> memory ``(b, s, d)`` of each row's task, kept slot outputs, and with cross-stitch
+        all columns' memories ``(k, b, s, d)`` (else None)."""
+        if self.cross_stitch is None:
+            return (*encode_mixed(self, src, src_mask, row_task, keep), None)
+        columns = encode_columns(self, src, src_mask)
+        return columns[row_task, torch.arange(len(row_task), device=src.device)], {}, columns
+
+    def head(self, name: str) -> nn.Module:
+        return self.heads[self.task_index[name]]
+
+    def predict_class(self, name: str, src_ids: torch.Tensor, src_mask: torch.Tensor,
+                      candidates: list[list[int]] | None = None) -> torch.Tensor:
+        """Class indices ``(b,)`` for classification task ``name``: argmax of the classifier
+        head, or rank classification over ``candidates`` (label token ids) for a rank head."""
+        spec = self.tasks[self.task_index[name]] if name in self.task_index else None
+        if spec is None or spec.head_kind not in ("classifier", "rank"):
+            raise ValueError(f"predict_class needs a classifier or rank task, got {name!r}; such "
+                             f"tasks: {[t.name for t in self.tasks if t.head_kind != 'lm']}")
+        view = self.for_task(name)
+        if spec.head_kind == "rank":
+            if candidates is None:
+                raise ValueError(f"task {name!r} has a rank head: pass the labels' token ids")
+            return self.head(name)(view, src_ids, src_mask, candidates)[0]
+        row_task = torch.full((len(src_ids),), self.task_index[name], device=src_ids.device)
+        return self.head(name)(self._encode(src_ids, src_mask, row_task)[0], src_mask).argmax(-1)
+
+    def forward(self, batch: Batch) -> MultiTaskOutput:
+        """Run a batch whose rows may belong to different tasks (``batch.task_ids``).
+
+        Every row goes through the encoder; rows of lm / rank tasks then through the decoder
+        (teacher forcing on ``batch.tgt_in``) and their group's LM head -> ``(n, t, V)``; rows
+        of classifier tasks through their head -> ``(n, C)``. Each slot runs once per group.
+        """
+        row_task, src_mask = batch.task_ids, batch.src_mask
+        if len(row_task) and (int(row_task.min()) < 0 or int(row_task.max()) >= len(self.tasks)):
+            raise ValueError(f"batch.task_ids {row_task.unique().tolist()} outside "
+                             f"[0, {len(self.tasks)}) for tasks {list(self._views)}")
+        shared_slot = self._last_shared_encoder_slot()
+        keep = (shared_slot,) if shared_slot else ()
+        memory, kept, columns = self._encode(batch.src, src_mask, row_task, keep)
+        kinds = torch.tensor([t.head_kind in DECODER_HEADS for t in self.tasks], device=row_task.device)
+        dec_rows = kinds[row_task].nonzero(as_tuple=True)[0]
+        if len(dec_rows):
+            dec_task = row_task[dec_rows]
+            if columns is None:
+                hidden = decode_mixed(self, batch.tgt_in[dec_rows], batch.tgt_mask[dec_rows],
+                                      memory[dec_rows], src_mask[dec_rows], dec_task)
+            else:
+                hidden = decode_columns(self, batch.tgt_in[dec_rows], batch.tgt_mask[dec_rows],
+                                        columns[:, dec_rows], src_mask[dec_rows])
+                hidden = hidden[dec_task, torch.arange(len(dec_rows), device=hidden.device)]
+            dec_logits = route(self.row_groups("lm_head", dec_task),
+                               lambda k, r: self.group_view("lm_head", k).logits(hidden[r]))
+        out: dict[str, TaskOutput] = {}
+        for i, spec in enumerate(self.tasks):
+            if spec.head_kind in DECODER_HEADS:
+                if not len(dec_rows):
+                    continue
+                sel = (dec_task == i).nonzero(as_tuple=True)[0]
+                if len(sel):
+                    out[spec.name] = TaskOutput(dec_rows[sel], dec_logits[sel], spec.head_kind)
+            else:
+                rows = (row_task == i).nonzero(as_tuple=True)[0]
+                if len(rows):
+                    logits = self.heads[i](memory[rows], src_mask[rows])
+                    out[spec.name] = TaskOutput(rows, logits, spec.head_kind)
+        shared = kept.get(shared_slot) if shared_slot else None
+        private = memory if shared_slot not in (None, "encoder.norm") else None
+        task_logits = None
+        if self.discriminator is not None and shared is not None:
+            task_logits = self.discriminator(shared, src_mask)
+        return MultiTaskOutput(out, src_mask, row_task, shared, private, task_logits)
+
+    def train(self, mode: bool = True) -> "MultiTaskModel":
+        super().train(mode)
+        for view in self._views.values():  # their stack-level dropouts are not registered here
+            view.train(mode)
+        return self
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress p in [0, 1], for the gradient-reversal schedule (Ganin & Lempitsky)."""
+        if self.discriminator is not None:
+            self.discriminator.grl.set_progress(progress)
+
+    # --- who owns what -----------------------------------------------------------------------
+    def _slot_params(self, keep) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for slot, groups in self.plan.slots.items():
+            for k, group in enumerate(groups):
+                if keep(group):
+                    for p in self.module(slot, k).parameters():
+                        seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _stitch_params(self) -> list[nn.Parameter]:
+        return [] if self.cross_stitch is None else list(self.cross_stitch.parameters())
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by more than one task (backbone modules of multi-task groups, and
+        the cross-stitch weights)."""
+        return self._slot_params(lambda g: len(g) > 1) + self._stitch_params()
+
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """Parameters owned by task ``name`` only: its private slot modules and its head (with
+        cross-stitch units, its column, which the other tasks' losses also reach)."""
+        self.for_task(name)
+        own = self._slot_params(lambda g: g == {name})
+        return own + list(self.head(name).parameters())
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        """Every parameter task ``name`` uses (shared, group and private, and its head; with
+        cross-stitch units, every column: each row runs through all of them)."""
+        self.for_task(name)
+        uses = (lambda g: True) if self.cross_stitch is not None else (lambda g: name in g)
+        return self._slot_params(uses) + self._stitch_params() + list(self.head(name).parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """GradNorm's W (Chen et al. 2018): the highest encoder layer shared by all tasks (the
+        encoder is the part every head uses); [] when no layer is shared by all."""
+        for i in reversed(range(self.config.n_encoder_layers)):
+            if self.plan.shared_by_all(f"encoder.{i}"):
+                return list(self.module(f"encoder.{i}", 0).parameters())
+        return []
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """The discriminator's parameters (no task owns them)."""
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
+
+    def coupling_penalty(self) -> torch.Tensor:
+        """Soft sharing (Duong et al. 2015): sum over task pairs of ||theta_a - theta_b||^2 over
+        every backbone parameter; 0 for a plan without coupled copies."""
+        if not self.plan.coupled or len(self.tasks) < 2:
+            return self.module("embedding", 0).embed_tokens.weight.new_zeros(())
+        copies = []
+        for name in self.plan.tasks:
+            seen: dict[int, nn.Parameter] = {}
+            for slot in self.plan.slots:
+                for p in self.module(slot, self.plan.group_index(slot, name)).parameters():
+                    seen.setdefault(id(p), p)
+            copies.append(list(seen.values()))
+        return soft_sharing_penalty(copies)
