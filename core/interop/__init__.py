@@ -1,0 +1,170 @@
+"""Load Hugging Face T5 and BART weights into a polytask :class:`EncoderDecoder`.
+
+    from core.interop import from_hf
+    model = from_hf(hf_model)                      # a transformers T5/BART model object
+    model = from_hf("path/to/dir")                 # config.json + model.safetensors
+    model = from_hf(state_dict, hf_config)         # tensors + config (dict or PretrainedConfig)
+
+Every architectural difference is expressed through :class:`ModelConfig` (see
+:mod:`core.interop.t5` and :mod:`core.interop.bart` for the option each feature maps to);
+the model code has no T5 or BART special case. The result is numerically the Hugging Face
+model (tests/core/test_interop.py checks logits, KV-cached decoding and greedy generation
+against ``transformers``). Nothing is downloaded.
+
+Loading is strict, like :func:`core.checkpoint.load_weights`: tensors the model needs but the
+source lacks, tensors the source has but the model cannot use, and tensors of the wrong shape
+are all listed in one ``ValueError``. The only tolerated differences are the ones
+``transformers`` itself tolerates: stacks' copies of the tied embedding, a tied LM head, T5's
+unused cross-attention position table, and a missing BART ``final_logits_bias`` (zeros).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from core.checkpoint import model_state
+from core.interop import bart, t5
+from core.transformer import EncoderDecoder
+
+FAMILIES: dict[str, ModuleType] = {"t5": t5, "bart": bart}
+
+
+def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
+    config = json.loads((path / "config.json").read_text())
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single)), config
+    if index.is_file():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(path / shard)))
+        return state, config
+    raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise ValueError(f"config must be a dict or a transformers PretrainedConfig, got {type(config)}")
+
+
+def read_source(source: Any, config: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, HF config dict)`` of any accepted source (see :func:`from_hf`)."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read_dir(Path(source))
+    if isinstance(source, tuple) and len(source) == 2 and config is None:
+        source, config = source
+    if isinstance(source, torch.nn.Module):
+        if not hasattr(source, "config"):
+            raise ValueError(f"{type(source).__name__} has no .config; pass (state_dict, config)")
+        return {k: v.detach() for k, v in source.state_dict().items()}, _config_dict(source.config)
+    if isinstance(source, Mapping):
+        if config is None:
+            raise ValueError("a state dict source needs its Hugging Face config: "
+                             "from_hf(state_dict, config)")
+        return dict(source), _config_dict(config)
+    raise ValueError(f"cannot read a model from {type(source).__name__}; pass a transformers model, "
+                     "a directory path, or (state_dict, config)")
+
+
+def _shared_embedding(state: dict[str, torch.Tensor], family: ModuleType) -> torch.Tensor | None:
+    """The embedding matrix; every stack copy present must equal it (we keep one matrix)."""
+    names = [n for n in (family.EMBEDDING, *family.TIED_COPIES) if n in state]
+    if not names:
+        return None
+    embedding = state[names[0]]
+    for name in names[1:]:
+        if state[name].shape != embedding.shape or not torch.equal(state[name], embedding):
+            raise ValueError(f"{name} differs from {names[0]}; polytask shares one token "
+                             "embedding between the encoder and the decoder")
+    state.setdefault(family.EMBEDDING, embedding)
+    return embedding
+
+
+def _check(mapped: dict[str, torch.Tensor], unknown: list[str], model: EncoderDecoder,
+           family: str) -> None:
+    """Raise one ValueError listing missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    tied = set(expected) - set(model_state(model))
+    missing = sorted(set(expected) - set(mapped) - tied)
+    unexpected = sorted(unknown + [k for k in mapped if k not in expected])
+    shapes = sorted(f"{k}: source {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(mapped) & set(expected) if mapped[k].shape != expected[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing tensors (polytask names): {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if shapes:
+        parts.append(f"mis-shaped tensors: {'; '.join(shapes)}")
+    if parts:
+        raise ValueError(f"the {family} weights do not match the model: " + " | ".join(parts))
+
+
+def from_hf(source: Any, config: Any = None) -> EncoderDecoder:
+    """Build an :class:`EncoderDecoder` equal to a Hugging Face T5 or BART model.
+
+    Args:
+        source: a ``transformers`` ``T5ForConditionalGeneration`` / ``BartForConditionalGeneration``
+            (or any model with ``.config`` and the same tensor names), a directory holding
+            ``config.json`` and ``model.safetensors``, a ``(state_dict, config)`` pair, or a
+            state dict with ``config`` given.
+        config: the Hugging Face config (dict or ``PretrainedConfig``) of a state-dict source.
+
+    Returns:
+        the model in ``eval()`` mode, in the dtype of the source's embedding matrix.
+    """
+    state, hf = read_source(source, config)
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise ValueError(f"unsupported model_type {kind!r}; choose one of {', '.join(FAMILIES)}")
+    family = FAMILIES[kind]
+    if family is bart:
+        state = {bart.canonical(k): v for k, v in state.items()}
+    embedding = _shared_embedding(state, family)
+    head = state.get(family.LM_HEAD)
+    tied = head is None or (embedding is not None and head.shape == embedding.shape
+                            and torch.equal(head, embedding))
+    if family is t5:
+        cfg, scale = t5.model_config(hf, tied=tied)
+        if scale and not tied:
+            # v1.0-style output scaling with an untied head: fold d**-0.5 into the head, since
+            # (h · d**-0.5) Wᵀ = h (W · d**-0.5)ᵀ, instead of adding a config option for it.
+            state[family.LM_HEAD] = head * cfg.d_model ** -0.5
+    else:
+        cfg = bart.model_config(hf, tied=tied)
+        bias = state.get(bart.LOGITS_BIAS)
+        # transformers lists final_logits_bias as may-be-missing and then uses zeros; so do we.
+        state[bart.LOGITS_BIAS] = (torch.zeros(cfg.vocab_size) if bias is None
+                                   else bias.reshape(-1))
+    skip = set(family.IGNORED) | set(family.TIED_COPIES) | ({family.LM_HEAD} if tied else set())
+    mapped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, tensor in state.items():
+        if name in skip:
+            continue
+        ours = family.rename(name)
+        if ours is None:
+            unknown.append(name)
+        else:
+            mapped[ours] = tensor
+    model = EncoderDecoder(cfg)
+    _check(mapped, unknown, model, kind)
+    dtype = embedding.dtype if embedding is not None else torch.float32
+    model.to(dtype)
+    model.load_state_dict(mapped, strict=False)
+    return model.eval()
+
+
+__all__ = ["from_hf", "read_source", "FAMILIES"]
