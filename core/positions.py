@@ -49,15 +49,29 @@ class SinusoidalPositions(AbsolutePositions):
         super().__init__()
         self.d_model, self.max_length, self.base = d_model, max_length, base
 
-    def forward(self, t: int, start: int = 0, *, dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> torch.Tensor:
-        """-> ``(t, d_model)`` for positions ``start .. start + t - 1``."""
-        self._check(t, start)
+    def table(self, t: int, start: int = 0, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> torch.Tensor:
+        """The slow, obvious twin of ``forward``: compute rows ``start .. start + t - 1``."""
         pos = torch.arange(start, start + t, dtype=torch.float64, device=device)[:, None]
         two_k = torch.arange(0, self.d_model, 2, dtype=torch.float64, device=device)
         angle = pos / self.base ** (two_k / self.d_model)  # (t, ceil(d/2))
         pe = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)  # interleave sin, cos
         return pe[:, : self.d_model].to(dtype)
+
+    def forward(self, t: int, start: int = 0, *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+        """-> ``(t, d_model)`` for positions ``start .. start + t - 1``.
+
+        Why cached: the whole ``max_length`` table is computed once per (dtype, device) and
+        sliced, instead of fp64 sin/cos on every forward and on every decoding step. Not a
+        buffer, so it is neither saved nor counted as state; values equal :meth:`table`'s.
+        """
+        self._check(t, start)
+        key = (dtype, torch.device(device) if device is not None else torch.device("cpu"))
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = self.table(self.max_length, 0, dtype=dtype, device=device)
+        return cache[key][start: start + t]
 
 
 class LearnedPositions(AbsolutePositions):

@@ -21,8 +21,9 @@ mixed-task batch through different layer copies::
     logits = model.logits(decoder.norm(y))
 
 Initialisation (``init_weights``): every ``nn.Linear``/``nn.Embedding`` weight and learned
-position table ~ normal(0, ``init_std``), biases zeros, norm gains ones and shifts zeros — the
-scheme of BERT (Devlin et al. 2019) and GPT-2, which BART keeps (``init_std = 0.02``). It draws
+position table ~ normal(0, ``config.weight_std``), biases zeros, norm gains ones and shifts
+zeros — the scheme of BERT (Devlin et al. 2019) and BART with a width-aware default std
+(``d_model ** -0.5``, see :attr:`ModelConfig.weight_std`; set ``init_std: 0.02`` for BERT's). It draws
 from torch's global generator in module order, so a seed fixes the model.
 """
 from __future__ import annotations
@@ -205,7 +206,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
-        self.apply(lambda m: init_weights(m, config.init_std))
+        self.apply(lambda m: init_weights(m, config.weight_std))
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
