@@ -25,6 +25,8 @@ import torch
 from tqdm import tqdm
 
 import losses
+import losses.weighting.base as weighting_base
+from core import distributed
 from core.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, read_json,
                              save_checkpoint, save_weights, write_json)
 from core.collate import CollateReport, collate
@@ -50,15 +52,17 @@ def tokenizer_corpus(data: TaskData) -> list[str]:
     return list(data.corpus())
 
 
-def setup(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bool):
-    """Data, tokenizer and model for a run directory (shared by train, eval and generate)."""
+def setup(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bool, rank: int = 0):
+    """Data, tokenizer and model for a run directory (shared by train, eval and generate).
+    Under data parallelism rank 0 trains and saves the tokenizer; the others load it."""
     data = TaskData.load(specs)
     tok_path = run_dir / "tokenizer.model"
-    if fresh_tokenizer:
+    if fresh_tokenizer and rank == 0:
         tokenizer = Tokenizer.train(tokenizer_corpus(data), cfg.data.vocab_size,
                                     model_type=cfg.data.tokenizer)
         tokenizer.save(tok_path)
-    else:
+    distributed.barrier()
+    if not (fresh_tokenizer and rank == 0):
         tokenizer = Tokenizer.load(tok_path)
     model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -80,14 +84,24 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 
 def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train one run; returns the summary written to ``run_dir/summary.json``."""
+    """Train one run; returns the summary written to ``run_dir/summary.json``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each rank trains on its shard of every global
+    batch (:mod:`core.distributed`); rank 0 alone evaluates, logs and saves.
+    """
+    t = cfg.train
+    rank, world = distributed.setup(t.device)
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by world size "
+                         f"({world}) x train.grad_accum ({t.grad_accum})")
+    lead = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and not (run_dir / "tokenizer.model").exists():
         resume = False  # nothing was saved yet: start from scratch
-    t = cfg.train
-    data, tokenizer, model = setup(cfg, specs, run_dir, fresh_tokenizer=not resume)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    data, tokenizer, model = setup(cfg, specs, run_dir, fresh_tokenizer=not resume, rank=rank)
+    if lead:
+        write_json(run_dir / "config.json", cfg.to_dict())
     n_layers = {"encoder": cfg.model.n_encoder_layers, "decoder": cfg.model.n_decoder_layers}
     if t.peft:
         from core.peft import apply_peft
@@ -97,18 +111,22 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
         freeze(model, train_top_layers=t.train_top_layers, train_only=t.train_only, n_layers=n_layers)
     names = data.train_tasks
     loss_options = {s.name: cfg.losses.get(s.name, cfg.losses.get(s.loss_name, {})) for s in specs}
+    reductions = {n: o.get("reduction", "token") for n, o in loss_options.items()}
     objective = MultiTaskObjective(specs, cfg.sharing, loss_options)
     weighting = losses.get_weighting(cfg.weighting.method)(names, **cfg.weighting.options)
     weighting.to(t.device)
     params = list(model.named_parameters()) + list(weighting.named_parameters())
+    trainable = [p for _, p in params if p.requires_grad]
     optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay,
                                betas=tuple(t.betas), device=torch.device(t.device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
         s, warmup=t.warmup_steps, total=t.max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
     sampler = MixtureSampler(data.sizes("train"), cfg.data.sampling, temperature=cfg.data.temperature,
-                             cap=data.caps or cfg.data.cap, seed=t.seed)
+                             cap=data.caps or cfg.data.cap, seed=t.seed, rank=rank, world_size=world)
     template_rng = random.Random(t.seed)
     shared = [p for p in model.shared_parameters() if p.requires_grad]
+    last_shared = [p for p in model.last_shared_parameters() if p.requires_grad] or None
+    weighting_base.GRADIENT_REDUCER = distributed.average if world > 1 else None
     report = CollateReport()
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "evals_since_best": 0,
                              "bad_steps": 0, "consecutive_bad": 0, "metrics_bytes": 0,
@@ -122,13 +140,16 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
         torch.set_rng_state(tensors["torch_rng"])
         sampler.load_state_dict(state["sampler"])
         template_rng.setstate(_to_tuple(state["template_rng"]))
-        with open(metrics_path, "a") as f:  # drop lines written after the checkpoint
-            f.truncate(state["metrics_bytes"])
+        if lead:
+            with open(metrics_path, "a") as f:  # drop lines written after the checkpoint
+                f.truncate(state["metrics_bytes"])
     else:
-        metrics_path.write_text("")
+        if lead:
+            metrics_path.write_text("")
         seed_everything(t.seed)
-    micro = t.batch_size // t.grad_accum
-    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not progress, dynamic_ncols=True)
+    micro = t.batch_size // (world * t.grad_accum)
+    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (progress and lead),
+               dynamic_ncols=True)
     model.train()
     stop = False
     while state["step"] < t.max_steps and not stop:
@@ -145,23 +166,33 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
                             report=report).to(t.device)
             n_tokens += int(batch.src_mask.sum() + batch.tgt_mask.sum())
             with torch.autocast(torch.device(t.device).type, dtype=torch.bfloat16, enabled=t.bf16):
-                result = objective(model, model(batch), batch)
-            task_losses = {k: v.float() / t.grad_accum for k, v in result.task_losses.items()}
-            extra = sum(result.extra.values()) / t.grad_accum if result.extra else None
-            if not all(torch.isfinite(v) for v in task_losses.values()) or \
-                    (extra is not None and not torch.isfinite(extra)):
+                output = model(batch)
+                result = objective(model, output, batch)
+            task_losses = {k: v.float() for k, v in result.task_losses.items()}
+            if world > 1:
+                units = {k: distributed.loss_units(output.tasks[k], batch, reductions[k])
+                         for k in task_losses}
+                anchor = sum(p.sum() for p in shared[:1]) * 0.0 if shared else None
+                task_losses = distributed.globalize(task_losses, units, names, anchor)
+            task_losses = {k: v / t.grad_accum for k, v in task_losses.items()}
+            extra = result.extra_total()
+            extra = extra / t.grad_accum if extra is not None else None
+            ok = all(bool(torch.isfinite(v)) for v in task_losses.values()) and \
+                (extra is None or bool(torch.isfinite(extra)))
+            if not distributed.all_true(ok):
                 finite = False
                 break
-            weights = weighting.backward(task_losses, shared, extra=extra)
+            weights = weighting.backward(task_losses, shared, extra=extra, last_shared=last_shared)
             for k, v in task_losses.items():
                 step_losses[k] = step_losses.get(k, 0.0) + float(v.detach())
             logs.update({k: v for k, v in result.logs.items() if not k.startswith("loss/")})
             logs.update({f"weight/{k}": float(w) for k, w in weights.items()})
-        trainable = [p for _, p in params if p.requires_grad and p.grad is not None]
+        if finite and world > 1:
+            distributed.average_gradients(trainable)
         if finite:
             max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-            finite = np.isfinite(grad_norm)
+            with_grad = [p for p in trainable if p.grad is not None]
+            finite = bool(np.isfinite(float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))))
         if finite:
             optimizer.step()
             scheduler.step()
@@ -180,15 +211,21 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
             acc[0], acc[1] = acc[0] + v, acc[1] + 1
         seconds = time.perf_counter() - t0
         loss = sum(step_losses.values())
-        _log(metrics_path, {"event": "train", "step": step, "loss": loss, "finite": bool(finite),
-                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / seconds,
-                            **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
+        if lead:
+            _log(metrics_path, {"event": "train", "step": step, "loss": loss, "finite": finite,
+                                "lr": scheduler.get_last_lr()[0],
+                                "tokens_per_s": n_tokens * world / seconds,
+                                **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        tok_s=f"{n_tokens / seconds:.0f}")
+                        tok_s=f"{n_tokens * world / seconds:.0f}")
         bar.update(1)
         if step % t.eval_every == 0 or step == t.max_steps:
-            stop = _evaluate_and_track(cfg, model, data, tokenizer, weighting, state, run_dir, step)
-        if step % t.save_every == 0 or step == t.max_steps or stop:
+            if lead:
+                stop = _evaluate_and_track(cfg, model, data, tokenizer, weighting, state, run_dir, step)
+            else:
+                _end_epoch(weighting, state)
+            stop = distributed.broadcast_flag(stop)
+        if lead and (step % t.save_every == 0 or step == t.max_steps or stop):
             state["metrics_bytes"] = metrics_path.stat().st_size
             state["sampler"] = sampler.state_dict()
             state["template_rng"] = template_rng.getstate()
@@ -196,21 +233,29 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
                        "weighting": weighting.state_dict(), "torch_rng": torch.get_rng_state()}
             save_checkpoint(run_dir, step, model, tensors, json.loads(json.dumps(state)))
     bar.close()
-    return _finish(cfg, model, data, tokenizer, state, run_dir, report)
+    weighting_base.GRADIENT_REDUCER = None
+    summary = _finish(cfg, model, data, tokenizer, state, run_dir, report) if lead else {}
+    distributed.barrier()
+    return summary
 
 
 def _to_tuple(x: Any) -> Any:
     return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
+def _end_epoch(weighting, state) -> None:
+    """DWA's epoch is one evaluation interval: hand it the interval's mean task losses."""
+    epoch = {k: s / n for k, (s, n) in state["epoch_losses"].items() if n}
+    if epoch:
+        weighting.end_epoch(epoch)
+    state["epoch_losses"] = {}
+
+
 def _evaluate_and_track(cfg, model, data, tokenizer, weighting, state, run_dir, step) -> bool:
     """Validation metrics, best-weights tracking, DWA's epoch, early stopping. True = stop."""
     scores = evaluate(model, data, tokenizer, "validation", **_eval_kwargs(cfg))
     _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "validation", "step": step, **scores})
-    epoch = {k: s / n for k, (s, n) in state["epoch_losses"].items() if n}
-    if epoch:
-        weighting.end_epoch(epoch)  # an "epoch" for DWA is one evaluation interval
-    state["epoch_losses"] = {}
+    _end_epoch(weighting, state)
     key = cfg.train.early_stopping_metric
     if key not in scores:
         raise ValueError(f"train.early_stopping_metric {key!r} is not evaluated; choose one of "

@@ -43,9 +43,17 @@ def run_name(combo: dict[str, Any], seed: int) -> str:
 
 def plan(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str, dict, int, RunConfig]]:
     """Validate the whole ablation before running anything: (name, combo, seed, config)."""
-    data = apply_overrides(load_yaml(path), parse_overrides(overrides or []))
+    data = load_yaml(path)
     grid = data.pop("grid", {}) or {}
     seeds = data.pop("seeds", [0])
+    settings = parse_overrides(overrides or [])
+    for key in list(settings):  # grid.KEY=[...] and seeds=[...] override the grid itself
+        if key == "seeds":
+            seeds = settings.pop(key)
+        elif key.startswith("grid."):
+            value = settings.pop(key)
+            grid[key[len("grid."):]] = value if isinstance(value, list) else [value]
+    data = apply_overrides(data, settings)
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
     runs = []

@@ -33,10 +33,15 @@ weights, FAMO's logits, DWA's loss history) keep their state in buffers, so it i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+
+GRADIENT_REDUCER: "Callable[[Tensor], Tensor] | None" = None
+"""Set by the training loop under data parallelism (:func:`core.distributed.average`):
+applied to the ``(k, P)`` per-task gradients so every rank's surgery sees the global batch."""
 
 
 def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -54,6 +59,9 @@ def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) -> dict[
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                for g, p in zip(grads, params)])
+    if GRADIENT_REDUCER is not None and out:
+        reduced = GRADIENT_REDUCER(torch.stack(list(out.values())))
+        out = dict(zip(out, reduced.unbind(0)))
     return out
 
 

@@ -66,3 +66,11 @@ def test_every_shipped_config_validates(path):
     from heads.plan import make_plan
     for _, _, _, cfg in runs:
         make_plan(cfg.sharing, cfg.model, resolve_tasks(cfg))
+
+
+def test_ablation_overrides_reach_grid_and_seeds():
+    quick = Path(__file__).parents[2] / "experiments" / "configs" / "quick.yaml"
+    runs = plan(quick, ["grid.sharing.strategy=[none, soft]", "seeds=[3, 4]", "train.max_steps=5"])
+    assert [(c["sharing.strategy"], s) for _, c, s, _ in runs] == \
+        [("none", 3), ("none", 4), ("soft", 3), ("soft", 4)]
+    assert all(cfg.train.max_steps == 5 and cfg.train.seed == s for _, _, s, cfg in runs)
