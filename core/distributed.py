@@ -19,8 +19,8 @@ all-reduce after ``backward`` cannot give. So polytask reduces explicitly:
    :func:`losses.weighting.task_gradients` (the one place they are formed), before PCGrad
    projects or GradNorm takes norms.
 3. After the weighted backward, every trainable parameter's gradient is averaged across ranks
-   (one flat all-reduce; missing gradients count as zeros so every rank joins the same
-   collective). Gradients that step 2 already made identical are unchanged by it.
+   (one flat all-reduce over the parameters any rank reached; a rank that did not reach one
+   contributes zeros). Gradients that step 2 already made identical are unchanged by it.
 
 The result equals a single process with the same global batch (tested: 2 CPU ranks vs 1
 process). Only rank 0 trains the tokenizer, evaluates, logs and writes checkpoints.
@@ -115,13 +115,23 @@ def globalize(task_losses: dict[str, torch.Tensor], units: dict[str, float], nam
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average ``.grad`` over ranks in one flat all-reduce (module docstring, step 3)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    """Average ``.grad`` over ranks in one flat all-reduce (module docstring, step 3).
+
+    A parameter no rank produced a gradient for keeps ``grad = None`` (as in one process, where
+    the optimiser then leaves it alone — no weight decay either); one that only some ranks
+    reached gets zeros from the others.
+    """
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    live = [p for p, h in zip(params, has.tolist()) if h]
+    if not live:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in live])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for p in params:
+    for p in live:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n

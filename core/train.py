@@ -67,7 +67,8 @@ def setup(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bo
     model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     seed_everything(cfg.train.seed)  # the initialisation depends on the seed only
-    model = build_model(model_cfg, specs, cfg.sharing).to(cfg.train.device)
+    model = build_model(model_cfg, specs, cfg.sharing).to(
+        device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
     return data, tokenizer, model
 
 
@@ -114,7 +115,7 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
     reductions = {n: o.get("reduction", "token") for n, o in loss_options.items()}
     objective = MultiTaskObjective(specs, cfg.sharing, loss_options)
     weighting = losses.get_weighting(cfg.weighting.method)(names, **cfg.weighting.options)
-    weighting.to(t.device)
+    weighting.to(device=t.device, dtype=getattr(torch, t.dtype))
     params = list(model.named_parameters()) + list(weighting.named_parameters())
     trainable = [p for _, p in params if p.requires_grad]
     optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay,
@@ -160,7 +161,11 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
         logs: dict[str, float] = {}
         finite, n_tokens = True, 0
         for _ in range(t.grad_accum):
-            rows = [data.get(task, "train", i, template_rng) for task, i in sampler.next_batch(micro)]
+            # One template seed per row of the *global* batch, so a rank's rows get the same
+            # templates as in a single process (rank r holds global rows r, r + N, ...).
+            seeds = [template_rng.getrandbits(64) for _ in range(micro * world)][rank::world]
+            rows = [data.get(task, "train", i, random.Random(seed))
+                    for (task, i), seed in zip(sampler.next_batch(micro), seeds)]
             batch = collate(rows, tokenizer, data.task_index, max_source_len=cfg.data.max_source_len,
                             max_target_len=cfg.data.max_target_len, truncation=cfg.data.truncation,
                             report=report).to(t.device)
@@ -168,11 +173,12 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
             with torch.autocast(torch.device(t.device).type, dtype=torch.bfloat16, enabled=t.bf16):
                 output = model(batch)
                 result = objective(model, output, batch)
-            task_losses = {k: v.float() for k, v in result.task_losses.items()}
+            task_losses = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
+                           for k, v in result.task_losses.items()}
             if world > 1:
                 units = {k: distributed.loss_units(output.tasks[k], batch, reductions[k])
                          for k in task_losses}
-                anchor = sum(p.sum() for p in shared[:1]) * 0.0 if shared else None
+                anchor = trainable[0].reshape(-1)[0] * 0.0  # zero loss for tasks absent here
                 task_losses = distributed.globalize(task_losses, units, names, anchor)
             task_losses = {k: v / t.grad_accum for k, v in task_losses.items()}
             extra = result.extra_total()

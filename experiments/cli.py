@@ -83,7 +83,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
         summary = train_run(cfg, run_dir, progress=not args.no_progress)
-    print(json.dumps({"run_dir": str(run_dir), "test": summary["test"]}, indent=2))
+    if summary:  # under torchrun only rank 0 evaluates and reports
+        print(json.dumps({"run_dir": str(run_dir), "test": summary["test"]}, indent=2))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -72,6 +72,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     bf16: bool = False                  # autocast the forward pass to bfloat16
+    dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64: exactness checks)
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
