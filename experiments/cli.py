@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
         if debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
