@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, nargs="+", default=None,
                         help=f"chunked backend block sizes to try (default {DEFAULT_BLOCK})")
     parser.add_argument("--backends", nargs="+", choices=list(KERNELS), default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"B={args.batch} H={args.heads} D={args.dim} causal={args.causal} fp32, "
           f"{torch.get_num_threads()} threads; triton: not measured (needs a GPU)")
     rows = run(args.lengths, args.batch, args.heads, args.dim, args.causal, args.repeats,
