@@ -73,7 +73,9 @@ class Tokenizer:
         except RuntimeError as err:
             raise ValueError(
                 f"sentencepiece could not build a {model_type} vocabulary of {vocab_size} from "
-                f"{len(corpus)} texts: {str(err).rstrip('.')}. Lower vocab_size or pass hard_vocab_limit=False"
+                f"{len(corpus)} texts: {str(err).rstrip('.')}. "
+                + ("Raise data.vocab_size" if "smaller than required_chars" in str(err)
+                   else "Lower data.vocab_size or pass hard_vocab_limit=False")
             ) from None
         return cls(model.getvalue())
 
