@@ -21,11 +21,13 @@ from typing import Callable
 import torch
 from einops import repeat
 
+from attention.chunked import chunked_attention
 from attention.reference import reference_attention
 from attention.sdpa import sdpa_attention
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
+    "chunked": chunked_attention,
     "sdpa": sdpa_attention,
 }
 CHOICES = ("auto", "reference", "chunked", "sdpa", "triton")
@@ -67,15 +69,32 @@ def expand_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return repeat(x, "b hk j d -> b (hk g) j d", g=n_heads // x.shape[1])
 
 
-def resolve_backend(backend: str, q: torch.Tensor, *, dropout_p: float = 0.0,
-                    bias: torch.Tensor | None = None, need_weights: bool = False) -> str:
-    """Turn ``"auto"`` into a concrete backend for these arguments (see module docstring)."""
+def resolve_backend(backend: str, q: torch.Tensor, *, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                    causal: bool = False, dropout_p: float = 0.0,
+                    bias: torch.Tensor | None = None) -> str:
+    """Turn ``"auto"`` into a concrete backend for these arguments.
+
+    The rule (measured with ``polytask bench attention``; see docs/benchmarks.md):
+
+    * CUDA tensors, and the Triton kernel can run these arguments
+      (:func:`attention.triton_flash.unsupported_reason` is None): ``triton``;
+    * otherwise ``sdpa``: PyTorch's fused kernel, which on this project's reference CPU is the
+      fastest at every length (the hand-written ``chunked`` backend reaches 0.8-1.1x of it
+      with ~1.2x its memory, and ``reference`` materialises the weights). ``sdpa`` supports
+      every argument (masks, bias, dropout), so ``auto`` never fails for lack of support.
+    """
     if backend not in CHOICES:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(CHOICES)}")
     if backend != "auto":
         return backend
-    if need_weights:
-        return "reference"
+    if q.is_cuda and k is not None and v is not None:
+        try:
+            from attention.triton_flash import unsupported_reason
+        except ImportError:  # the optional extra is not installed
+            return "sdpa"
+        if unsupported_reason(q, k, v, mask, causal=causal, dropout_p=dropout_p, bias=bias) is None:
+            return "triton"
     return "sdpa"
 
 
@@ -99,9 +118,8 @@ def scaled_dot_product_attention(
     _check(q, k, v, mask, bias)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    name = resolve_backend(backend, q, dropout_p=dropout_p, bias=bias)
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available in this build")
+    name = resolve_backend(backend, q, k=k, v=v, mask=mask, causal=causal, dropout_p=dropout_p,
+                           bias=bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     h = q.shape[1]
     if name != "triton":  # the Triton kernel handles grouped heads itself

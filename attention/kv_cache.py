@@ -2,7 +2,8 @@
 
 Self-attention appends one step's keys/values at a time into a preallocated buffer that grows
 geometrically, so appending is O(1) amortised (no ``torch.cat`` of the whole history per
-token). Cross-attention keys/values depend only on the encoder output: they are computed on the
+token). When gradients flow through the cache (e.g. a loss on incremental decoding), it
+concatenates instead, since in-place writes into a buffer would break autograd. Cross-attention keys/values depend only on the encoder output: they are computed on the
 first step and reused (``static=True``).
 """
 from __future__ import annotations
@@ -32,6 +33,13 @@ class KVCache:
         if self.static:
             raise ValueError("a static (cross-attention) cache is set once with set_static()")
         new = k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Differentiating through cached decoding: the in-place buffer writes below would
+            # break autograd, so grow by concatenation (O(L) per step; training-time only).
+            self._k = k if self._k is None else torch.cat([self.k, k], dim=2)
+            self._v = v if self._v is None else torch.cat([self.v, v], dim=2)
+            self.length += new
+            return self._k, self._v
         if self._k is None or self.length + new > self._k.shape[2]:
             capacity = max(16, 2 * (self.length + new))
             grown_k = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])

@@ -56,6 +56,13 @@ class MultiHeadAttention(nn.Module):
                  d_head: int | None = None, bias: bool = True, dropout: float = 0.0,
                  scale: float | None = None, backend: str = "auto") -> None:
         super().__init__()
+        from attention.functional import CHOICES
+        if d_model <= 0 or n_heads <= 0:
+            raise ValueError(f"d_model ({d_model}) and n_heads ({n_heads}) must be positive")
+        if backend not in CHOICES:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(CHOICES)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_head is None:
             if d_model % n_heads:

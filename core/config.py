@@ -57,6 +57,9 @@ def check_fields(obj: Any, section: str) -> None:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, section: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ``ValueError`` listing the known."""
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config section {section or cls.__name__} must be a mapping of keys to "
+                         f"values, got {type(data).__name__} {data!r}")
     data = dict(data or {})
     names = [f.name for f in fields(cls)]
     unknown = [k for k in data if k not in names]

@@ -32,7 +32,8 @@ def tiny_model(vocab_size: int = 10, seed: int = 0) -> EncoderDecoder:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=vocab_size, d_model=16, n_heads=2, n_encoder_layers=1,
                          n_decoder_layers=2, d_ff=32, dropout=0.0, init_std=0.5,
-                         tie_embeddings=False, lm_head_bias=True, max_length=64)
+                         tie_embeddings=False, lm_head_bias=True, max_length=64,
+                         positions="sinusoidal")  # the fixture's seeds were chosen with these
     model = EncoderDecoder(config).eval()
     with torch.no_grad():
         model.lm_head.bias[[PAD, BOS]] = -1e4

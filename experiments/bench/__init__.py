@@ -1,0 +1,38 @@
+"""``polytask bench``: benchmarks that measure polytask against peers in the same run.
+
+    polytask bench attention [--quick]   attention backends: time and peak memory vs sdpa
+    polytask bench train [--size ...]    training step vs HF T5, nn.Transformer, x-transformers
+    polytask bench decode                cached greedy decoding vs HF generate
+    polytask bench triton                Triton flash attention on a GPU
+    polytask bench all                   attention, train and decode
+
+Timings are never asserted in tests; figures are recorded in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import importlib
+
+SUBCOMMANDS = {
+    "attention": "experiments.bench.attention",
+    "train": "experiments.bench.train",
+    "decode": "experiments.bench.decode",
+    "triton": "experiments.bench.triton_gpu",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    names = list(SUBCOMMANDS) if name == "all" else [name]
+    if name != "all" and name not in SUBCOMMANDS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(SUBCOMMANDS)}, all")
+    for n in names:
+        if name == "all" and n == "triton":
+            continue
+        result = importlib.import_module(SUBCOMMANDS[n]).main(rest)
+        if isinstance(result, int) and result:  # some benchmarks return their figures
+            return result
+    return 0
