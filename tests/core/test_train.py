@@ -96,3 +96,18 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
         assert latest_checkpoint(tmp_path / "stop") is None
     finally:
         losses.LOSSES._entries.pop("nan_every_other", None)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_copy_to_exact_match(tmp_path):
+    """A 1+1-layer d_model 64 model learns the built-in copy task (digit sequences, one
+    character per token) to 100% exact match on held-out test examples."""
+    from experiments.suite import task_spec
+    cfg = load_config(TINY, [
+        "model.n_encoder_layers=1", "model.n_decoder_layers=1", "data.vocab_size=40",
+        "data.max_source_len=48", "data.max_target_len=20", "data.eval_examples=64",
+        "train.max_steps=400", "train.batch_size=32", "train.warmup_steps=20",
+        "train.eval_every=100", "train.save_every=400", "train.generation_max_tokens=16"])
+    cfg = replace(cfg, tasks=[task_spec("copy")])
+    summary = train_run(cfg, tmp_path / "copy", progress=False)
+    assert summary["test"]["copy"] == 100.0, summary
