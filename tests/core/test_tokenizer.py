@@ -68,8 +68,10 @@ def test_bpe_round_trip():
 
 def test_too_large_vocab_fails_clearly_or_shrinks():
     small = ["ab ba", "abba"]
-    with pytest.raises(ValueError, match=r"vocabulary of 500 .* Lower vocab_size or pass hard_vocab_limit=False"):
+    with pytest.raises(ValueError, match=r"vocabulary of 500 .* Lower data.vocab_size or pass hard_vocab_limit=False"):
         Tokenizer.train(small, vocab_size=500)
+    with pytest.raises(ValueError, match=r"vocabulary of 6 .*smaller than required_chars.* Raise data.vocab_size"):
+        Tokenizer.train(["abcdefgh"], vocab_size=6)
     shrunk = Tokenizer.train(small, vocab_size=500, hard_vocab_limit=False)
     assert 5 < shrunk.vocab_size < 500 and shrunk.decode(shrunk.encode("abba")) == "abba"
 
