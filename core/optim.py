@@ -48,7 +48,9 @@ def make_optimizer(params: Iterable[tuple[str, nn.Parameter]], *, lr: float, wei
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
-_LAYER = re.compile(r"(encoder|decoder)\w*\.layers\.(\d+)\.")
+# A layer's parameters: ``encoder.layers.3.`` in an EncoderDecoder, ``slots.encoder_3.`` in a
+# MultiTaskModel (one slot per layer, holding each sharing group's copy).
+_LAYER = re.compile(r"(encoder|decoder)(?:\.layers\.|_)(\d+)\.")
 
 
 def freeze(model: nn.Module, *, train_top_layers: int | None, train_only: list[str],
