@@ -221,6 +221,7 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
             _log(metrics_path, {"event": "train", "step": step, "loss": loss, "finite": finite,
                                 "lr": scheduler.get_last_lr()[0],
                                 "tokens_per_s": n_tokens * world / seconds,
+                                "max_rss_mb": _max_rss_mb(),
                                 **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                         tok_s=f"{n_tokens * world / seconds:.0f}")
@@ -243,6 +244,13 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
     summary = _finish(cfg, model, data, tokenizer, state, run_dir, report) if lead else {}
     distributed.barrier()
     return summary
+
+
+def _max_rss_mb() -> float:
+    """High-water mark of this process's resident memory (Linux reports KiB), for spotting
+    growth over a long run."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _to_tuple(x: Any) -> Any:

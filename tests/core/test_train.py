@@ -23,7 +23,8 @@ def _records(run_dir):
     out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        rec.pop("tokens_per_s", None)  # wall-clock, the only thing allowed to differ
+        rec.pop("tokens_per_s", None)  # wall-clock and memory measurements may differ
+        rec.pop("max_rss_mb", None)
         out.append(rec)
     return out
 
@@ -111,3 +112,16 @@ def test_tiny_model_learns_copy_to_exact_match(tmp_path):
     cfg = replace(cfg, tasks=[task_spec("copy")])
     summary = train_run(cfg, tmp_path / "copy", progress=False)
     assert summary["test"]["copy"] == 100.0, summary
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_a_long_run(tmp_path):
+    """After warm-up, the resident-memory high-water mark stops growing: logging, sampling and
+    evaluation keep nothing per step."""
+    cfg = load_config(TINY, FAST + ["train.max_steps=300", "train.eval_every=50",
+                                    "train.save_every=100"])
+    train_run(cfg, tmp_path / "run", progress=False)
+    rss = {r["step"]: r["max_rss_mb"] for r in json.loads(
+        "[" + ",".join((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) + "]")
+        if r.get("event") == "train"}
+    assert rss[300] - rss[100] < 10.0, (rss[100], rss[300])  # MiB over 200 steps
