@@ -93,27 +93,36 @@ def save_weights(path: str | Path, model: torch.nn.Module) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
+def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
+                side: str = "file", names: str = "",
+                extra_unexpected: list[str] | None = None) -> None:
+    """Raise one ``ValueError`` listing missing, unexpected and mis-shaped tensors of ``state``
+    against ``model`` (tied copies, stored once, are not missing). ``side`` labels the
+    state's shapes, ``names`` qualifies the missing names (e.g. " (polytask names)")."""
+    expected = model.state_dict()
+    tied = set(expected) - set(model_state(model))
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted((extra_unexpected or []) + [k for k in state if k not in expected])
+    shapes = sorted(f"{k}: {side} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing tensors{names}: {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if shapes:
+        parts.append(f"mis-shaped tensors: {'; '.join(shapes)}")
+    if parts:
+        raise ValueError(f"{source}: tensors do not match the model: " + " | ".join(parts))
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load safetensors weights; missing, unexpected or mis-shaped tensors are listed."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"missing weights file: {path}")
     state = load_file(str(path))
-    expected = model.state_dict()
-    tied = set(expected) - set(model_state(model))
-    missing = sorted(set(expected) - set(state) - tied)
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected)}")
-        if shapes:
-            parts.append(f"mis-shaped tensors: {'; '.join(shapes)}")
-        raise ValueError(f"{path} does not match the model: " + " | ".join(parts))
+    check_state(state, model, str(path))
     model.load_state_dict(state, strict=False)
 
 

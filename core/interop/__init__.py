@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import model_state
+from core.checkpoint import check_state
 from core.interop import bart, t5
 from core.transformer import EncoderDecoder
 
@@ -94,22 +94,9 @@ def _shared_embedding(state: dict[str, torch.Tensor], family: ModuleType) -> tor
 
 def _check(mapped: dict[str, torch.Tensor], unknown: list[str], model: EncoderDecoder,
            family: str) -> None:
-    """Raise one ValueError listing missing, unexpected and mis-shaped tensors."""
-    expected = model.state_dict()
-    tied = set(expected) - set(model_state(model))
-    missing = sorted(set(expected) - set(mapped) - tied)
-    unexpected = sorted(unknown + [k for k in mapped if k not in expected])
-    shapes = sorted(f"{k}: source {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(mapped) & set(expected) if mapped[k].shape != expected[k].shape)
-    parts = []
-    if missing:
-        parts.append(f"missing tensors (polytask names): {', '.join(missing)}")
-    if unexpected:
-        parts.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if shapes:
-        parts.append(f"mis-shaped tensors: {'; '.join(shapes)}")
-    if parts:
-        raise ValueError(f"the {family} weights do not match the model: " + " | ".join(parts))
+    """Raise one ValueError listing missing, unexpected and mis-shaped tensors (polytask names)."""
+    check_state(mapped, model, f"the {family} weights", side="source", names=" (polytask names)",
+                extra_unexpected=unknown)
 
 
 def from_hf(source: Any, config: Any = None) -> EncoderDecoder:

@@ -15,16 +15,6 @@ from core.transformer import EncoderDecoder
 PAD, BOS, EOS = 0, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thread sync, which dominates on a busy 2-core
-    machine (measured 10-40x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(vocab_size: int = 10, seed: int = 0) -> EncoderDecoder:
     """A random EncoderDecoder with peaked next-token distributions (init_std 0.5) that, like
     a trained model, never emits pad or bos (their output bias is -1e4), so any pad in an

@@ -17,16 +17,6 @@ N_ATTENTION = 2 + 2 * 2  # encoder self-attention + decoder self- and cross-atte
 N_FFN = 2 + 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thread sync, which dominates on a busy 2-core
-    machine (measured 10-40x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> EncoderDecoder:
     torch.manual_seed(0)
     return EncoderDecoder(CONFIG)
