@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SUBCOMMANDS) if name == "all" else [name]
     if name != "all" and name not in SUBCOMMANDS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(SUBCOMMANDS)}, all")
+    if name == "all" and rest:
+        raise ValueError(f"polytask bench all takes no options (got {' '.join(rest)}); run the "
+                         "benchmarks one by one to pass options")
     for n in names:
         if name == "all" and n == "triton":
             continue

@@ -1,0 +1,207 @@
+"""Training-step benchmark: polytask against its peers, same size, same process, same run.
+
+    polytask bench train                       # the issue's target point (d 256, 3+3, b 16, L 128)
+    polytask bench train --size large --steps 3 --json train.json
+    python -m experiments.bench.train --size toy --steps 1 --rounds 1   # seconds
+
+One step = ``zero_grad`` + forward (ids -> logits) + cross-entropy + backward + AdamW step, fp32,
+on random ids with no padding. polytask uses :func:`core.optim.make_optimizer` (fused AdamW);
+peers use ``torch.optim.AdamW(model.parameters())`` as their own examples do
+(``--peer-optimizer fused`` gives them the fused kernel too).
+
+**Time.** After ``--warmup`` steps each, ``--rounds`` rounds run ``--steps`` steps of every model
+in turn (round-robin, so load from other processes on a shared machine falls on all alike); the
+step time is the median over all timed steps. tokens/s = ``b·(s + t)`` / step time.
+
+**Memory.** Peak bytes of one step from the PyTorch profiler's allocator events
+(``profile_memory=True``: every CPU tensor allocation and free in time order, cumulated; this is
+what PyTorch allocates — activations, saved tensors, gradients, workspaces — not the Python heap)
+plus the bytes alive before the step: parameters, buffers and AdamW's two moments.
+
+**FLOPs.** :mod:`experiments.bench.flops` counts polytask's step analytically; achieved FLOP/s
+is divided by an fp32 2048² ``torch.mm`` measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from core.optim import make_optimizer
+from experiments.bench.flops import CLOCKS, matmul_peak, step_flops
+from experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
+
+
+def make_step(c: Contender, size: Size, peer_optimizer: str):
+    """A closure running one training step of contender ``c`` on a fixed random batch."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, size.vocab, (size.batch, size.length), generator=g)
+    tgt = torch.randint(4, size.vocab, (size.batch, size.length + 1), generator=g)
+    tgt_in, labels = tgt[:, :-1], tgt[:, 1:].reshape(-1)
+    c.model.train()
+    if c.name == "polytask":
+        opt = make_optimizer(c.model.named_parameters(), lr=1e-4, weight_decay=0.01,
+                             betas=(0.9, 0.999), device=torch.device("cpu"))
+    else:
+        opt = torch.optim.AdamW(c.model.parameters(), lr=1e-4,
+                                fused=True if peer_optimizer == "fused" else None)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        logits = c.logits(src, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step, opt
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages of parameters, buffers and optimizer state."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def step_peak_bytes(step) -> int:
+    """Peak of (allocated - freed) bytes during one call of ``step``, from profiler events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def run(size: Size, models: list[str], *, warmup: int = 2, rounds: int = 3, steps: int = 2,
+        peer_optimizer: str = "default", memory: bool = True, clock: str = "wall") -> dict:
+    """Measure every model; returns ``{"size", "rows", "missing", "flops", "peak_flops", ...}``."""
+    timer = CLOCKS[clock]
+    torch.manual_seed(0)
+    contenders, missing = build_all(size, models)
+    steps_fns = [make_step(c, size, peer_optimizer) for c in contenders]
+    for fn, _ in steps_fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(rounds):
+        for n, (fn, _) in enumerate(steps_fns):
+            for _ in range(steps):
+                start = timer()
+                fn()
+                times[n].append(timer() - start)
+    peak = matmul_peak(timer=timer)
+    tokens = size.batch * 2 * size.length
+    rows = []
+    for c, (fn, opt), ts in zip(contenders, steps_fns, times):
+        t = statistics.median(ts)
+        row = {"model": c.name, "params": sum(p.numel() for p in c.model.parameters()),
+               "step_s": t, "step_s_all": ts, "tokens_per_s": tokens / t,
+               "optimizer": "fused" if c.name == "polytask" or peer_optimizer == "fused"
+               else "default"}
+        if memory:
+            row["peak_bytes"] = state_bytes(c.model, opt) + step_peak_bytes(fn)
+        rows.append(row)
+    flops = step_flops(polytask_config(size), size.batch, size.length, size.length)
+    ours = next(r for r in rows if r["model"] == "polytask")
+    peers = [r for r in rows if r["model"] != "polytask"]
+    fastest = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
+    t5 = next((r for r in peers if r["model"] == "hf_t5"), None)
+    return {
+        "size": asdict(size), "tokens_per_step": tokens, "threads": torch.get_num_threads(),
+        "clock": clock,
+        "rows": rows, "missing": missing, "flops": flops, "peak_flops": peak,
+        "achieved_flops": flops["total"] / ours["step_s"],
+        "fraction_of_peak": flops["total"] / ours["step_s"] / peak,
+        "fastest_peer": fastest["model"] if fastest else None,
+        "speed_ratio": ours["tokens_per_s"] / fastest["tokens_per_s"] if fastest else None,
+        "memory_ratio_vs_hf_t5": (ours["peak_bytes"] / t5["peak_bytes"]
+                                  if t5 and memory else None),
+    }
+
+
+def format_table(result: dict) -> str:
+    ours = next(r for r in result["rows"] if r["model"] == "polytask")
+    lines = [f"training step, fp32, {result['threads']} threads, {result['clock']} clock, "
+             f"size {result['size']}",
+             f"{'model':<16}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'vs polytask':>13}"
+             f"{'peak MB':>10}  optimizer"]
+    for r in result["rows"]:
+        mem = f"{r['peak_bytes'] / 2**20:>10.1f}" if "peak_bytes" in r else f"{'-':>10}"
+        lines.append(f"{r['model']:<16}{r['params'] / 1e6:>9.2f}M{r['step_s'] * 1e3:>10.1f}"
+                     f"{r['tokens_per_s']:>11.0f}{r['tokens_per_s'] / ours['tokens_per_s']:>13.2f}"
+                     f"{mem}  {r['optimizer']}")
+    for name, why in result["missing"].items():
+        lines.append(f"{name:<16} missing: {why}")
+    f = result["flops"]
+    lines.append(f"polytask step: {f['total'] / 1e9:.1f} GFLOP ({f['linear'] / 1e9:.1f} linear + "
+                 f"{f['attention'] / 1e9:.1f} attention) -> {result['achieved_flops'] / 1e9:.1f} "
+                 f"GFLOP/s = {result['fraction_of_peak']:.0%} of the fp32 mm peak "
+                 f"{result['peak_flops'] / 1e9:.1f} GFLOP/s")
+    if result["speed_ratio"] is not None:
+        lines.append(f"polytask / fastest peer ({result['fastest_peer']}) tokens/s: "
+                     f"{result['speed_ratio']:.2f}x (target >= 1.10x)")
+    if result["memory_ratio_vs_hf_t5"] is not None:
+        lines.append(f"polytask / hf_t5 peak memory: {result['memory_ratio_vs_hf_t5']:.2f} "
+                     f"(target <= 1.00)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polytask bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=list(SIZES), default="target")
+    for name in ("d_model", "layers", "batch", "length", "vocab"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    p.add_argument("--peer-optimizer", choices=["default", "fused"], default="default")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a loaded machine "
+                        "with --threads 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
+    p.add_argument("--json", default=None, help="also write the results to this path")
+    return p
+
+
+def sized(args: argparse.Namespace) -> Size:
+    overrides = {k: getattr(args, k) for k in ("d_model", "layers", "batch", "length", "vocab",
+                                               "dropout") if getattr(args, k) is not None}
+    return replace(SIZES[args.size], **overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(sized(args), args.models, warmup=args.warmup, rounds=args.rounds,
+                 steps=args.steps, peer_optimizer=args.peer_optimizer, memory=not args.no_memory,
+                 clock=args.clock)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Each speed-up of the training/decoding step agrees with its slow, obvious twin (values and
+gradients): fused q/k/v and k/v projections, dropping all-True masks, the cached sinusoidal
+table, and skipping the (no-op) causal mask for a single query.
+"""
+import pytest
+import torch
+from torch import nn
+
+from attention.kv_cache import KVCache
+from attention.multihead import MultiHeadAttention
+from core.config import ModelConfig
+from core.positions import SinusoidalPositions
+from core.transformer import EncoderDecoder
+
+
+def _mha(fused: bool, **kw) -> MultiHeadAttention:
+    torch.manual_seed(0)
+    m = MultiHeadAttention(12, 4, backend="sdpa", **kw).double()
+    m.fused = fused
+    return m
+
+
+def _grads(m: nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in m.parameters()] + [x.grad.clone() for x in inputs]
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}, {"n_kv_heads": 2}])
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_projections_equal_separate_ones(kw, cross):
+    results = []
+    for fused in (True, False):
+        m = _mha(fused, **kw)
+        x = torch.randn(3, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        c = torch.randn(3, 7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x.requires_grad_(True)
+        c.requires_grad_(True)
+        mask = torch.ones(3, 1, 1, 7 if cross else 5, dtype=torch.bool)
+        mask[0, ..., 3:] = False
+        out = m(x, context=c if cross else None, mask=mask, causal=not cross)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), _grads(m, x, c) if cross else _grads(m, x)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_projections_with_cache_equal_separate_ones():
+    outs = []
+    for fused in (True, False):
+        m = _mha(fused).eval()
+        x = torch.randn(2, 6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        cache, steps = KVCache(), []
+        for i in range(6):
+            steps.append(m(x[:, i:i + 1], causal=True, cache=cache))
+        outs.append(torch.cat(steps, dim=1))
+        torch.testing.assert_close(outs[-1], m(x, causal=True), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
+
+
+def test_fused_path_is_skipped_for_wrapped_or_hooked_projections():
+    m = _mha(True)
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    calls = []
+    m.k_proj.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    m(x)
+    assert calls == [1]  # the hook ran: the separate path was taken
+
+
+def test_dropping_all_true_masks_equals_passing_them():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=30, d_model=16, n_heads=4, d_ff=32, n_encoder_layers=2,
+                         n_decoder_layers=2, dropout=0.0, attention_backend="sdpa")
+    model = EncoderDecoder(config).double()
+    src, tgt = torch.randint(4, 30, (2, 7)), torch.randint(4, 30, (2, 5))
+    fast = model(src, tgt)  # nothing padded: the stacks drop both masks
+    # The twin: the stack loops written out with the (all-True) masks passed to every layer.
+    src_mask, tgt_mask = src != 0, tgt != 0
+    x, p = model.encoder.embed(model.embed(src)), model.encoder.prepare(src_mask)
+    for layer in model.encoder.layers:
+        x = layer(x, p.mask, p.position_bias, p.rope)
+    memory = model.encoder.norm(x)
+    y, q = model.decoder.embed(model.embed(tgt)), model.decoder.prepare(tgt_mask, src_mask)
+    for layer in model.decoder.layers:
+        y = layer(y, memory, q.self_mask, q.cross_mask, q.position_bias, q.rope)
+    slow = model.logits(model.decoder.norm(y))
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-12)
+    g_fast = torch.autograd.grad(fast.sum(), list(model.parameters()), allow_unused=True)
+    g_slow = torch.autograd.grad(slow.sum(), list(model.parameters()), allow_unused=True)
+    for u, v in zip(g_fast, g_slow):
+        if u is not None:
+            torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_sinusoidal_table_equals_computed_rows(dtype):
+    pos = SinusoidalPositions(10, max_length=40)
+    for t, start in ((40, 0), (1, 17), (5, 35)):
+        torch.testing.assert_close(pos(t, start, dtype=dtype), pos.table(t, start, dtype=dtype),
+                                   atol=0, rtol=0)
+    with pytest.raises(ValueError):
+        pos(2, 39)
