@@ -44,3 +44,24 @@ def test_two_ranks_equal_one_process(tmp_path, weighting, strategy):
     import json
     steps = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "train" and r["finite"] for r in steps) == 3
+
+
+@pytest.mark.slow
+def test_two_rank_resume_is_bit_identical(tmp_path):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    overrides = ["train.max_steps=4", "data.eval_examples=2", "train.eval_every=2",
+                 "train.save_every=2", "train.batch_size=8", "weighting.method=pcgrad"]
+    cli = ["-m", "experiments.cli", "train", str(TINY), *overrides, "--no-progress"]
+    _run([torchrun, "--standalone", "--nproc_per_node=2", *cli, "--out", "full"], tmp_path)
+    # Rewind a copy to its step-2 checkpoint, as if every rank had been killed after step 2.
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    part = tmp_path / "part"
+    (part / "checkpoints" / "LATEST").write_text("step-00000002")
+    (part / "summary.json").unlink()
+    _run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "experiments.cli", "train",
+          "--resume", "part", "--no-progress"], tmp_path)
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
