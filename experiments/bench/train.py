@@ -31,9 +31,9 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from core.optim import make_optimizer
+from experiments.bench.attention import peak_bytes
 from experiments.bench.flops import CLOCKS, matmul_peak, step_flops
 from experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
 
@@ -76,19 +76,6 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def step_peak_bytes(step) -> int:
-    """Peak of (allocated - freed) bytes during one call of ``step``, from profiler events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def run(size: Size, models: list[str], *, warmup: int = 2, rounds: int = 3, steps: int = 2,
         peer_optimizer: str = "default", memory: bool = True, clock: str = "wall") -> dict:
     """Measure every model; returns ``{"size", "rows", "missing", "flops", "peak_flops", ...}``."""
@@ -116,7 +103,7 @@ def run(size: Size, models: list[str], *, warmup: int = 2, rounds: int = 3, step
                "optimizer": "fused" if c.name == "polytask" or peer_optimizer == "fused"
                else "default"}
         if memory:
-            row["peak_bytes"] = state_bytes(c.model, opt) + step_peak_bytes(fn)
+            row["peak_bytes"] = state_bytes(c.model, opt) + peak_bytes(fn)
         rows.append(row)
     flops = step_flops(polytask_config(size), size.batch, size.length, size.length)
     ours = next(r for r in rows if r["model"] == "polytask")
