@@ -5,7 +5,7 @@ backbone slot) -> ``build_model`` (a ``MultiTaskModel`` whose shared slots are o
 object) -> ``MultiTaskObjective`` (per-task losses + soft / adversarial / orthogonality terms).
 """
 from heads.config import STRATEGIES, SharingConfig
-from heads.plan import SharingPlan, make_plan, slot_names
+from heads.plan import SharingPlan, make_plan, register_plan, slot_names, strategy_names
 from heads.classifier import ClassifierHead, pool
 from heads.rank import RankHead, label_scores, rank_classify
 from heads.model import MultiTaskModel, MultiTaskOutput, TaskOutput
@@ -13,7 +13,8 @@ from heads.build import build_discriminator, build_model
 from heads.objective import MultiTaskObjective, ObjectiveResult
 
 __all__ = [
-    "STRATEGIES", "SharingConfig", "SharingPlan", "make_plan", "slot_names", "ClassifierHead",
+    "STRATEGIES", "SharingConfig", "SharingPlan", "make_plan", "register_plan", "slot_names",
+    "strategy_names", "ClassifierHead",
     "pool", "RankHead", "label_scores", "rank_classify", "MultiTaskModel", "MultiTaskOutput", "TaskOutput",
     "build_discriminator", "build_model", "MultiTaskObjective", "ObjectiveResult",
 ]

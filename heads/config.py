@@ -27,8 +27,7 @@ from typing import Any, Literal
 
 from core.config import check_fields, from_dict
 
-Strategy = Literal["none", "hard", "soft", "hierarchical"]
-STRATEGIES = ("none", "hard", "soft", "hierarchical")
+STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
 
 
 @dataclass
@@ -40,7 +39,7 @@ class SharingConfig:
     counts of the model when the plan is built (:func:`heads.plan.make_plan`).
     """
 
-    strategy: Strategy = "hard"
+    strategy: str = "hard"
     shared_layers: int = 1
     group_layers: int = 1
     soft_weight: float = 1e-2
@@ -57,6 +56,11 @@ class SharingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "sharing")
+        from heads.plan import strategy_names  # the registry lives with the plans
+        if self.strategy not in strategy_names():
+            raise ValueError(f"sharing.strategy = {self.strategy!r} is invalid: expected one of "
+                             f"{', '.join(repr(n) for n in strategy_names())} (register more with "
+                             "heads.register_plan)")
         for name in ("shared_layers", "group_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sharing.{name} = {getattr(self, name)} must be >= 0")

@@ -25,10 +25,11 @@ grouped exactly like the embedding, because it *is* the embedding matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from core.config import ModelConfig
 from core.tasks import TaskSpec
-from heads.config import SharingConfig
+from heads.config import STRATEGIES, SharingConfig
 
 Group = frozenset[str]
 
@@ -83,6 +84,59 @@ def slot_names(config: ModelConfig) -> list[str]:
             + ["decoder.norm", "lm_head"])
 
 
+PlanFunction = Callable[[list[TaskSpec], list[str], SharingConfig], dict[str, Sequence[Sequence[str]]]]
+CUSTOM_PLANS: dict[str, tuple[PlanFunction, bool]] = {}
+
+
+def register_plan(name: str, *, coupled: bool = False) -> Callable[[PlanFunction], PlanFunction]:
+    """Register a sharing strategy from an experiment script, without touching the library::
+
+        @heads.register_plan("shared_encoder")
+        def shared_encoder(tasks, slots, sharing):
+            everyone, each = [[t.name for t in tasks]], [[t.name] for t in tasks]
+            return {s: each if s.startswith("decoder") else everyone for s in slots}
+
+    The function receives the task specs, the slot names (:func:`slot_names`) and the sharing
+    config, and returns, for every slot, a partition of the task names into groups; each group
+    gets one module. ``coupled=True`` adds the soft-sharing L2 penalty between copies. Then
+    ``sharing: {strategy: shared_encoder}`` selects it.
+    """
+    if name in STRATEGIES or name in CUSTOM_PLANS:
+        raise ValueError(f"sharing strategy {name!r} is already registered")
+
+    def decorate(fn: PlanFunction) -> PlanFunction:
+        CUSTOM_PLANS[name] = (fn, coupled)
+        return fn
+    return decorate
+
+
+def strategy_names() -> list[str]:
+    return list(STRATEGIES) + list(CUSTOM_PLANS)
+
+
+def _custom_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec],
+                 names: tuple[str, ...]) -> SharingPlan:
+    fn, coupled = CUSTOM_PLANS[sharing.strategy]
+    slots = slot_names(config)
+    raw = fn(list(tasks), slots, sharing)
+    if set(raw) != set(slots):
+        raise ValueError(f"sharing plan {sharing.strategy!r} must give groups for exactly the "
+                         f"slots {slots}; missing {sorted(set(slots) - set(raw))}, unknown "
+                         f"{sorted(set(raw) - set(slots))}")
+    plan = SharingPlan(sharing.strategy, names,
+                       {s: tuple(frozenset(g) for g in raw[s]) for s in slots}, coupled=coupled)
+    _check_tied_head(plan, sharing, config)
+    return plan
+
+
+def _check_tied_head(plan: SharingPlan, sharing: SharingConfig, config: ModelConfig) -> None:
+    if config.tie_embeddings and plan.slots["lm_head"] != plan.slots["embedding"]:
+        raise ValueError(
+            f"sharing.lm_head = {sharing.lm_head!r} with model.tie_embeddings = true: a tied LM "
+            f"head is the embedding matrix, which strategy {sharing.strategy!r} shares; set "
+            "model.tie_embeddings = false or sharing.lm_head = 'shared'")
+
+
 def make_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec]) -> SharingPlan:
     """Build the plan of ``sharing.strategy`` for ``tasks`` on a backbone shaped by ``config``."""
     names = tuple(t.name for t in tasks)
@@ -90,6 +144,8 @@ def make_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec]
         raise ValueError("a sharing plan needs at least one task, got none")
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {list(names)}")
+    if sharing.strategy in CUSTOM_PLANS:
+        return _custom_plan(sharing, config, tasks, names)
     everyone: tuple[Group, ...] = (frozenset(names),)
     each: tuple[Group, ...] = tuple(frozenset([n]) for n in names)
     by_group: dict[str, set[str]] = {}
@@ -126,9 +182,6 @@ def make_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec]
         slots["lm_head"] = each  # a single-task baseline shares nothing, its LM head included
     else:
         slots["lm_head"] = everyone if sharing.lm_head == "shared" else each
-    if config.tie_embeddings and slots["lm_head"] != slots["embedding"]:
-        raise ValueError(
-            f"sharing.lm_head = {sharing.lm_head!r} with model.tie_embeddings = true: a tied LM "
-            f"head is the embedding matrix, which strategy {sharing.strategy!r} shares; set "
-            "model.tie_embeddings = false or sharing.lm_head = 'shared'")
-    return SharingPlan(sharing.strategy, names, slots, coupled=sharing.strategy == "soft")
+    plan = SharingPlan(sharing.strategy, names, slots, coupled=sharing.strategy == "soft")
+    _check_tied_head(plan, sharing, config)
+    return plan
