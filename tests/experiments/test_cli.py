@@ -32,3 +32,19 @@ def test_debug_shows_the_traceback():
                            "train.max_step=3", "--debug"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "unknown config key train.max_step" in proc.stderr
+
+
+def test_bad_task_file_line_and_too_long_sequence_are_one_line(tmp_path, capsys):
+    data = tmp_path / "t.train.jsonl"
+    data.write_text('{"task": "t", "instruction": "Say", "input": "a", "output": "b"}\n'
+                    '{"task": "t", "instruction": "Say", "input": "a"\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"tasks:\n  - name: t\n    files: {{train: {data}, validation: {data}}}\n"
+                   "model: {d_model: 32, n_heads: 2, d_ff: 64}\n")
+    assert main(["train", str(cfg), "train.max_steps=1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2" in err and err.count("\n") == 1
+    assert main(["train", str(TINY), "data.truncation=error", "data.max_source_len=3",
+                 "train.max_steps=1", "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "max_source_len 3" in err and err.count("\n") == 1 and "Traceback" not in err
