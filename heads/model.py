@@ -250,11 +250,19 @@ class MultiTaskModel(nn.Module):
             self.discriminator.grl.set_progress(progress)
 
     # --- who owns what -----------------------------------------------------------------------
+    def uses(self, name: str, slot: str) -> bool:
+        """Whether task ``name`` runs slot ``slot``: a classifier head stops at the encoder, so
+        its task never runs the decoder slots or the LM head (which the plan still gives it)."""
+        if self.tasks[self.task_index[name]].head_kind in DECODER_HEADS:
+            return True
+        return not (slot.startswith("decoder") or slot == "lm_head")
+
     def _slot_params(self, keep) -> list[nn.Parameter]:
+        """Parameters of the slot modules whose set of *using* tasks satisfies ``keep``."""
         seen: dict[int, nn.Parameter] = {}
         for slot, groups in self.plan.slots.items():
             for k, group in enumerate(groups):
-                if keep(group):
+                if keep({t for t in group if self.uses(t, slot)}):
                     for p in self.module(slot, k).parameters():
                         seen.setdefault(id(p), p)
         return list(seen.values())
@@ -265,21 +273,29 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters used by more than one task (backbone modules of multi-task groups, and
         the cross-stitch weights)."""
-        return self._slot_params(lambda g: len(g) > 1) + self._stitch_params()
+        return self._slot_params(lambda users: len(users) > 1) + self._stitch_params()
 
     def task_parameters(self, name: str) -> list[nn.Parameter]:
         """Parameters owned by task ``name`` only: its private slot modules and its head (with
         cross-stitch units, its column, which the other tasks' losses also reach)."""
         self.for_task(name)
-        own = self._slot_params(lambda g: g == {name})
+        own = self._slot_params(lambda users: users == {name})
         return own + list(self.head(name).parameters())
 
     def parameters_of(self, name: str) -> list[nn.Parameter]:
         """Every parameter task ``name`` uses (shared, group and private, and its head; with
         cross-stitch units, every column: each row runs through all of them)."""
         self.for_task(name)
-        uses = (lambda g: True) if self.cross_stitch is not None else (lambda g: name in g)
+        # with cross-stitch units every row runs through every column
+        uses = (lambda users: True) if self.cross_stitch is not None else (lambda users: name in users)
         return self._slot_params(uses) + self._stitch_params() + list(self.head(name).parameters())
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Slot modules no task runs (e.g. the decoder copy of a classifier task under
+        ``none``): built to keep every task's view a complete EncoderDecoder, never trained.
+        A tied LM head is its embedding, so it is not unused when the embedding is used."""
+        used = {id(p) for p in self._slot_params(lambda users: bool(users))}
+        return [p for p in self._slot_params(lambda users: not users) if id(p) not in used]
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """GradNorm's W (Chen et al. 2018): the highest encoder layer shared by all tasks (the

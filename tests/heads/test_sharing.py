@@ -50,15 +50,31 @@ def test_shared_and_task_parameters_partition_the_model(strategy):
     names = [t.name for t in model.tasks]
     shared = {id(p) for p in model.shared_parameters()}
     owned = {n: {id(p) for p in model.task_parameters(n)} for n in names}
+    unused = {id(p) for p in model.unused_parameters()}
     everything = {id(p) for p in model.parameters()}
-    parts = [shared] + list(owned.values())
+    parts = [shared, unused] + list(owned.values())
     assert sum(len(p) for p in parts) == len(set().union(*parts))          # disjoint
     assert set().union(*parts) == everything                               # and complete
     for n in names:  # what a task uses = the shared modules of its groups + what it owns
         uses = {id(p) for p in model.parameters_of(n)}
         assert owned[n] <= uses and uses <= owned[n] | shared
-        assert uses == {id(p) for p in model.for_task(n).parameters()} | \
-            {id(p) for p in model.head(n).parameters()}
+        view = model.for_task(n)
+        runs = {id(p) for p in view.parameters()}
+        if model.tasks[model.task_index[n]].head_kind == "classifier":  # no decoder, no LM head
+            embedding = model.module("embedding", model.plan.group_index("embedding", n))
+            runs -= {id(p) for m in (view.decoder.layers, view.decoder.norm, view.lm_head)
+                     for p in m.parameters()} - {id(p) for p in embedding.parameters()}
+        assert uses == runs | {id(p) for p in model.head(n).parameters()}
+    # the classifier task "cls" never runs a decoder: it owns none, whatever the plan gives it
+    view = model.for_task("cls")  # (decoder positions belong to the embedding slot)
+    cls_decoder = {id(p) for m in (view.decoder.layers, view.decoder.norm) for p in m.parameters()}
+    assert not cls_decoder & owned["cls"]
+    if strategy in ("none", "soft"):
+        assert cls_decoder <= unused
+    elif strategy == "hierarchical":  # its group's and its own top decoder layers run for no one
+        assert unused and unused <= cls_decoder | {id(p) for p in view.lm_head.parameters()}
+    else:
+        assert not unused
     head_only = {n: {id(p) for p in model.head(n).parameters()} for n in names}
     if strategy == "hard":
         assert owned == head_only
