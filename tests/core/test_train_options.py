@@ -71,3 +71,15 @@ def test_eval_and_generate_commands_on_a_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "run"), "--task", "nope", "--input", "x"]) == 2
     assert "unknown task 'nope'; tasks: copy, reverse, parity" in capsys.readouterr().err
+
+
+def test_held_out_task_is_evaluated_but_never_trained(tmp_path):
+    from dataclasses import replace
+    from experiments.runs import resolve_tasks
+    cfg = load_config(TINY, FAST)
+    specs = [replace(s, held_out=s.name == "copy") for s in resolve_tasks(cfg)]
+    summary = train_run(replace(cfg, tasks=specs), tmp_path / "run", progress=False)
+    assert summary["held_out"] == ["copy"] and "copy" in summary["test"]  # zero-shot (FLAN)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = {k for r in records if r.get("event") == "train" for k in r if k.startswith("loss/")}
+    assert trained and "loss/copy" not in trained
