@@ -31,6 +31,22 @@ from losses.penalties import soft_sharing_penalty
 DECODER_HEADS = ("lm", "rank")  # heads that run the decoder; "classifier" stops at the encoder
 
 
+class NotRun(nn.Module):
+    """Stands in, in a task's view, for a slot module that no task of its group runs — the
+    decoder layers and LM head of classifier tasks — so nothing is built that is never trained."""
+
+    def __init__(self, slot: str, tasks: list[str]) -> None:
+        super().__init__()
+        self.slot, self.tasks = slot, tasks
+
+    def forward(self, *args, **kwargs):
+        raise ValueError(f"slot {self.slot} is not built for task(s) {', '.join(self.tasks)}: "
+                         "a classifier head reads the encoder and runs no decoder")
+
+    def extra_repr(self) -> str:
+        return f"slot={self.slot}, tasks={self.tasks}"
+
+
 @dataclass
 class TaskOutput:
     """The model's output for the rows of one task.
@@ -94,9 +110,15 @@ class MultiTaskModel(nn.Module):
         self.slots = nn.ModuleDict()
         self._first: dict[str, list[str]] = {}     # slot -> first task (in task order) per group
         self._table: dict[str, list[int]] = {}     # slot -> group index of every task
+        self.cross_stitch = None  # set at the end; ``uses`` reads it
         for slot in plan.slots:
             firsts = [next(n for n in names if n in g) for g in plan.groups(slot)]
             modules = [get_slot(backbones[self.task_index[n]], slot) for n in firsts]
+            if cross_stitch is None:  # (with cross-stitch every row runs every column)
+                # A group none of whose tasks runs this slot (the decoder of classifier tasks)
+                # gets a placeholder instead of a module nobody would train.
+                modules = [m if any(self.uses(n, slot) for n in g) else NotRun(slot, sorted(g))
+                           for m, g in zip(modules, plan.groups(slot))]
             self.slots[slot.replace(".", "_")] = nn.ModuleList(modules)
             self._first[slot] = firsts
             self._table[slot] = [plan.group_index(slot, n) for n in names]
@@ -252,8 +274,9 @@ class MultiTaskModel(nn.Module):
     # --- who owns what -----------------------------------------------------------------------
     def uses(self, name: str, slot: str) -> bool:
         """Whether task ``name`` runs slot ``slot``: a classifier head stops at the encoder, so
-        its task never runs the decoder slots or the LM head (which the plan still gives it)."""
-        if self.tasks[self.task_index[name]].head_kind in DECODER_HEADS:
+        its task never runs the decoder slots or the LM head (which the plan still gives it);
+        with cross-stitch units every row runs every column."""
+        if self.cross_stitch is not None or self.tasks[self.task_index[name]].head_kind in DECODER_HEADS:
             return True
         return not (slot.startswith("decoder") or slot == "lm_head")
 
@@ -290,13 +313,6 @@ class MultiTaskModel(nn.Module):
         uses = (lambda users: True) if self.cross_stitch is not None else (lambda users: name in users)
         return self._slot_params(uses) + self._stitch_params() + list(self.head(name).parameters())
 
-    def unused_parameters(self) -> list[nn.Parameter]:
-        """Slot modules no task runs (e.g. the decoder copy of a classifier task under
-        ``none``): built to keep every task's view a complete EncoderDecoder, never trained.
-        A tied LM head is its embedding, so it is not unused when the embedding is used."""
-        used = {id(p) for p in self._slot_params(lambda users: bool(users))}
-        return [p for p in self._slot_params(lambda users: not users) if id(p) not in used]
-
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """GradNorm's W (Chen et al. 2018): the highest encoder layer shared by all tasks (the
         encoder is the part every head uses); [] when no layer is shared by all."""
@@ -311,14 +327,20 @@ class MultiTaskModel(nn.Module):
 
     def coupling_penalty(self) -> torch.Tensor:
         """Soft sharing (Duong et al. 2015): sum over task pairs of ||theta_a - theta_b||^2 over
-        every backbone parameter; 0 for a plan without coupled copies."""
+        every backbone parameter; 0 for a plan without coupled copies. Summed slot by slot over
+        the copies that exist (a classifier task has no decoder copy); a parameter reachable
+        from two slots (the tied LM head is the embedding) counts once."""
+        zero = self.module("embedding", 0).embed_tokens.weight.new_zeros(())
         if not self.plan.coupled or len(self.tasks) < 2:
-            return self.module("embedding", 0).embed_tokens.weight.new_zeros(())
-        copies = []
-        for name in self.plan.tasks:
-            seen: dict[int, nn.Parameter] = {}
-            for slot in self.plan.slots:
-                for p in self.module(slot, self.plan.group_index(slot, name)).parameters():
-                    seen.setdefault(id(p), p)
-            copies.append(list(seen.values()))
-        return soft_sharing_penalty(copies)
+            return zero
+        total, seen = zero, set()
+        for slot, groups in self.plan.slots.items():
+            copies = []
+            for k in range(len(groups)):
+                params = [p for p in self.module(slot, k).parameters() if id(p) not in seen]
+                if params:
+                    copies.append(params)
+            seen.update(id(p) for c in copies for p in c)
+            if len(copies) > 1:
+                total = total + soft_sharing_penalty(copies)
+        return total
