@@ -97,6 +97,10 @@ def train(cfg: Any, specs: list[TaskSpec], run_dir: Path, *, resume: bool = Fals
                          f"({world}) x train.grad_accum ({t.grad_accum})")
     lead = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and ((run_dir / "summary.json").exists() or latest_checkpoint(run_dir)):
+        # A fresh run here would mix its files with the old run's checkpoints.
+        raise ValueError(f"{run_dir} already holds a run; continue it with `polytask train "
+                         f"--resume {run_dir}` or train into another --out directory")
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and not (run_dir / "tokenizer.model").exists():
         resume = False  # nothing was saved yet: start from scratch

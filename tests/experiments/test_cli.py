@@ -48,3 +48,14 @@ def test_bad_task_file_line_and_too_long_sequence_are_one_line(tmp_path, capsys)
                  "train.max_steps=1", "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "max_source_len 3" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tmp_path, capsys):
+    args = ["train", str(TINY), "train.max_steps=1", "train.eval_every=1", "data.eval_examples=2",
+            "model.d_model=32", "model.d_ff=64", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run; continue it with `polytask train --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
