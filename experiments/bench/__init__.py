@@ -1,6 +1,6 @@
 """``polytask bench``: benchmarks that measure polytask against peers in the same run.
 
-    polytask bench attention [--quick]   attention backends: time and peak memory vs sdpa
+    polytask bench attention [--lengths ...]  attention backends: time and peak memory vs sdpa
     polytask bench train [--size ...]    training step vs HF T5, nn.Transformer, x-transformers
     polytask bench decode                cached greedy decoding vs HF generate
     polytask bench triton                Triton flash attention on a GPU
