@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 from core.config import ModelConfig
+from core.interop.rules import apply_rules, first
 
 # HF ``ACT2FN`` names -> ours (``gelu`` is the exact erf GELU there as here).
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
@@ -64,15 +65,7 @@ def canonical(name: str) -> str:
 
 def rename(name: str) -> str | None:
     """Our name for (canonical) Hugging Face BART tensor ``name``, or None."""
-    for pattern, target in _RULES:
-        m = pattern.fullmatch(name)
-        if m:
-            return target(m)
-    return None
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (list, tuple)) else value
+    return apply_rules(_RULES, name)
 
 
 def model_config(hf: dict[str, Any], *, tied: bool) -> ModelConfig:
@@ -86,7 +79,7 @@ def model_config(hf: dict[str, Any], *, tied: bool) -> ModelConfig:
     if act not in ACTIVATIONS:
         raise ValueError(f"BART activation_function = {act!r} is not supported; choose one of "
                          f"{', '.join(ACTIVATIONS)}")
-    eos = int(_first(hf.get("eos_token_id", 2)))
+    eos = int(first(hf.get("eos_token_id", 2)))
     start = hf.get("decoder_start_token_id")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_heads=hf["encoder_attention_heads"],
@@ -98,5 +91,5 @@ def model_config(hf: dict[str, Any], *, tied: bool) -> ModelConfig:
         max_length=hf["max_position_embeddings"], position_offset=2, scale_attention=True,
         scale_embeddings=bool(hf.get("scale_embedding", False)), tie_embeddings=tied,
         rescale_tied_output=False, lm_head_bias=True,
-        pad_id=int(_first(hf.get("pad_token_id", 1))),
-        bos_id=int(_first(start)) if start is not None else eos, eos_id=eos)
+        pad_id=int(first(hf.get("pad_token_id", 1))),
+        bos_id=int(first(start)) if start is not None else eos, eos_id=eos)

@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from core.config import ModelConfig
+from core.interop.rules import apply_rules, first
 
 # (is_gated, HF dense_act_fn) -> polytask activation. Sources: HF ``T5Config.__post_init__``
 # (``feed_forward_proj = "[gated-]ACT"``; "gated-gelu" means ``gelu_new``) and ``ACT2FN``
@@ -72,15 +73,7 @@ _RULES: list[tuple[re.Pattern[str], Any]] = [
 
 def rename(name: str) -> str | None:
     """Our name for Hugging Face T5 tensor ``name``, or None if it has no counterpart."""
-    for pattern, target in _RULES:
-        m = pattern.fullmatch(name)
-        if m:
-            return target(m)
-    return None
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (list, tuple)) else value
+    return apply_rules(_RULES, name)
 
 
 def model_config(hf: dict[str, Any], *, tied: bool) -> tuple[ModelConfig, bool]:
@@ -104,7 +97,7 @@ def model_config(hf: dict[str, Any], *, tied: bool) -> tuple[ModelConfig, bool]:
                          f"choose one of {known}")
     scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
     scale = bool(scale) if scale is not None else True
-    pad = int(_first(hf.get("pad_token_id", 0)))
+    pad = int(first(hf.get("pad_token_id", 0)))
     start = hf.get("decoder_start_token_id")
     config = ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["d_model"], n_heads=hf["num_heads"],
@@ -120,6 +113,6 @@ def model_config(hf: dict[str, Any], *, tied: bool) -> tuple[ModelConfig, bool]:
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         scale_attention=False, scale_embeddings=False, tie_embeddings=tied,
         rescale_tied_output=scale and tied, lm_head_bias=False, pad_id=pad,
-        bos_id=int(_first(start)) if start is not None else pad,
-        eos_id=int(_first(hf.get("eos_token_id", 1))))
+        bos_id=int(first(start)) if start is not None else pad,
+        eos_id=int(first(hf.get("eos_token_id", 1))))
     return config, scale

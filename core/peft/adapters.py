@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.peft.frozen import FrozenLinear
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
@@ -41,27 +43,14 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(FrozenLinear):
     """A frozen ``nn.Linear`` (``base``) followed by a trainable :class:`BottleneckAdapter`
     (``adapter``): ``adapter(base(x))``, ``(..., in)`` -> ``(..., out)``."""
 
     def __init__(self, base: nn.Linear, bottleneck: int = 64, activation: str = "gelu") -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base, "adapters wrap")
         self.adapter = BottleneckAdapter(base.out_features, bottleneck, activation).to(
             device=base.weight.device, dtype=base.weight.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.base(x))

@@ -13,8 +13,10 @@ import math
 import torch
 from torch import nn
 
+from core.peft.frozen import FrozenLinear
 
-class LoRALinear(nn.Module):
+
+class LoRALinear(FrozenLinear):
     """A frozen ``nn.Linear`` (``base``) plus a trainable rank-``r`` update.
 
     Args:
@@ -24,21 +26,17 @@ class LoRALinear(nn.Module):
             changing ``r`` needs no retuning of the learning rate).
         dropout: dropout on the update's input only (as in the paper's released code).
 
-    Shapes: ``(..., in_features)`` -> ``(..., out_features)``.
+    Shapes: ``(..., in_features)`` -> ``(..., out_features)``. ``weight`` is the base weight,
+    which includes the update only while merged.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRA adapts nn.Linear layers, got {type(base).__name__}")
         if r <= 0:
             raise ValueError(f"LoRA rank r ({r}) must be positive")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout ({dropout}) must be in [0, 1)")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base, "LoRA adapts")
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
@@ -47,15 +45,6 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (includes the update only while merged)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A``, shape ``(out, in)``."""
