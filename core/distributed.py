@@ -86,7 +86,10 @@ def average(t: torch.Tensor) -> torch.Tensor:
 
 
 def loss_units(output: Any, batch: Batch, reduction: str) -> float:
-    """How many units a task's loss averages over in this rank's batch."""
+    """How many units a task's loss averages over in this rank's batch: labelled rows for a
+    classifier, label tokens (or labelled sequences for ``reduction="sequence"``) otherwise.
+    A ``ce`` loss with class weights averages by the weights' sum instead, so under data
+    parallelism its global value is approximate (a user loss averaging otherwise likewise)."""
     if output.head == "classifier":
         return float((batch.class_ids[output.rows] != IGNORE_INDEX).sum())
     labels = batch.labels[output.rows] != IGNORE_INDEX
