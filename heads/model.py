@@ -23,7 +23,7 @@ from core.transformer import EncoderDecoder
 from heads.cross_stitch import CrossStitch, CrossStitchView, decode_columns, encode_columns
 from heads.plan import SharingPlan, slot_names
 from heads.rank import RankHead
-from heads.routing import decode_mixed, encode_mixed, route
+from heads.routing import decode_mixed, encode_mixed
 from heads.slots import get_slot, set_slot
 from losses.adversarial import TaskDiscriminator
 from losses.penalties import soft_sharing_penalty
@@ -47,18 +47,34 @@ class NotRun(nn.Module):
         return f"slot={self.slot}, tasks={self.tasks}"
 
 
-@dataclass
 class TaskOutput:
     """The model's output for the rows of one task.
 
     rows: ``(n,)`` long, indices of the task's rows in the batch.
     logits: ``(n, C)`` for a classifier head, ``(n, t, V)`` for an lm / rank head.
     head: the task's head kind (``lm``, ``classifier``, ``rank``).
+    hidden, lm: for an lm / rank head, the final decoder states ``(n, t, d)`` and the task's
+        EncoderDecoder view whose LM head maps them to vocabulary scores. ``logits`` is then
+        computed from them on first use, so a loss that works from the hidden states
+        (:meth:`losses.GenerativeLoss.from_hidden`) never materialises the ``(n, t, V)`` tensor.
     """
 
-    rows: torch.Tensor
-    logits: torch.Tensor
-    head: str
+    def __init__(self, rows: torch.Tensor, logits: torch.Tensor | None = None, head: str = "lm",
+                 *, hidden: torch.Tensor | None = None, lm: EncoderDecoder | None = None) -> None:
+        if logits is None and (hidden is None or lm is None):
+            raise ValueError("TaskOutput needs logits, or hidden states and the lm that scores them")
+        self.rows, self.head, self.hidden, self.lm = rows, head, hidden, lm
+        self._logits = logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.lm.logits(self.hidden)
+        return self._logits
+
+    def __repr__(self) -> str:
+        shape = tuple(self._logits.shape) if self._logits is not None else "lazy"
+        return f"TaskOutput(head={self.head!r}, rows={len(self.rows)}, logits={shape})"
 
 
 @dataclass
@@ -217,8 +233,9 @@ class MultiTaskModel(nn.Module):
         """Run a batch whose rows may belong to different tasks (``batch.task_ids``).
 
         Every row goes through the encoder; rows of lm / rank tasks then through the decoder
-        (teacher forcing on ``batch.tgt_in``) and their group's LM head -> ``(n, t, V)``; rows
-        of classifier tasks through their head -> ``(n, C)``. Each slot runs once per group.
+        (teacher forcing on ``batch.tgt_in``), and their group's LM head -> ``(n, t, V)`` when
+        a task's ``logits`` are first read (see :class:`TaskOutput`); rows of classifier tasks
+        through their head -> ``(n, C)``. Each encoder and decoder slot runs once per group.
         """
         row_task, src_mask = batch.task_ids, batch.src_mask
         if len(row_task) and (int(row_task.min()) < 0 or int(row_task.max()) >= len(self.tasks)):
@@ -238,8 +255,6 @@ class MultiTaskModel(nn.Module):
                 hidden = decode_columns(self, batch.tgt_in[dec_rows], batch.tgt_mask[dec_rows],
                                         columns[:, dec_rows], src_mask[dec_rows])
                 hidden = hidden[dec_task, torch.arange(len(dec_rows), device=hidden.device)]
-            dec_logits = route(self.row_groups("lm_head", dec_task),
-                               lambda k, r: self.group_view("lm_head", k).logits(hidden[r]))
         out: dict[str, TaskOutput] = {}
         for i, spec in enumerate(self.tasks):
             if spec.head_kind in DECODER_HEADS:
@@ -247,7 +262,10 @@ class MultiTaskModel(nn.Module):
                     continue
                 sel = (dec_task == i).nonzero(as_tuple=True)[0]
                 if len(sel):
-                    out[spec.name] = TaskOutput(dec_rows[sel], dec_logits[sel], spec.head_kind)
+                    lm = self.group_view("lm_head", self._table["lm_head"][i])
+                    rows_hidden = hidden if len(sel) == len(dec_rows) else hidden[sel]
+                    out[spec.name] = TaskOutput(dec_rows[sel], head=spec.head_kind,
+                                                hidden=rows_hidden, lm=lm)
             else:
                 rows = (row_task == i).nonzero(as_tuple=True)[0]
                 if len(rows):

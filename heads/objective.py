@@ -84,7 +84,12 @@ class MultiTaskObjective(nn.Module):
             target = batch.class_ids[out.rows] if out.head == "classifier" else batch.labels[out.rows]
             if not bool((target != IGNORE_INDEX).any()):
                 continue  # no labelled row of this task: it contributes nothing
-            task_losses[spec.name] = self.criteria[str(i)](out.logits, target)
+            criterion = self.criteria[str(i)]
+            if out.hidden is not None and hasattr(criterion, "from_hidden"):
+                # lm / rank rows: the loss may skip materialising the (n, t, V) logits
+                task_losses[spec.name] = criterion.from_hidden(out.hidden, out.lm, target)
+            else:
+                task_losses[spec.name] = criterion(out.logits, target)
             logs[f"loss/{spec.name}"] = float(task_losses[spec.name].detach())
         extra: dict[str, torch.Tensor] = {}
         s = self.sharing

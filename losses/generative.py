@@ -13,11 +13,28 @@ Label smoothing follows the same convention as :mod:`losses.cross_entropy` (PyTo
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from core.batch import IGNORE_INDEX
+from core.transformer import EncoderDecoder
 from losses.cross_entropy import check_smoothing, smoothed_nll
+from losses.linear_ce import linear_cross_entropy
 from losses.registry import register
+
+
+def fusable_head(lm: Any) -> nn.Linear | None:
+    """``lm.lm_head`` when ``lm.logits(h)`` is exactly ``lm_head(h * scale)`` for a plain, un-hooked
+    ``nn.Linear`` (so the chunked loss computes the same thing); None otherwise (a LoRA-wrapped
+    head, a model without the attribute, autocast, ...)."""
+    head = getattr(lm, "lm_head", None)
+    if (not isinstance(lm, EncoderDecoder) or type(lm).logits is not EncoderDecoder.logits
+            or type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks
+            or torch.is_autocast_enabled(head.weight.device.type)):
+        return None
+    return head
 
 
 @register("generative")
@@ -58,6 +75,28 @@ class GenerativeLoss(nn.Module):
             return logits.sum() * 0.0
         per_sequence = loss.sum(dim=1)                                # (n,)
         return per_sequence[has_target].mean()
+
+    def from_hidden(self, hidden: Tensor, lm: Any, labels: Tensor) -> Tensor:
+        """The same loss as ``self(lm.logits(hidden), labels)``, computed from the final decoder
+        states ``(n, t, d)`` by :func:`losses.linear_ce.linear_cross_entropy` without holding the
+        ``(n, t, V)`` logits when ``lm``'s head allows it (:func:`fusable_head`), else by that
+        obvious twin."""
+        head = fusable_head(lm)
+        if head is None:
+            return self(lm.logits(hidden), labels)
+        if hidden.ndim != 3 or labels.shape != hidden.shape[:2]:
+            raise ValueError(f"generative expects hidden (n, t, d) and labels (n, t), got "
+                             f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+        if lm.config.rescale_tied_output:
+            hidden = hidden * lm.config.d_model ** -0.5
+        is_token = labels != self.ignore_index
+        if self.reduction == "token":
+            count = is_token.sum()
+        else:
+            count = (is_token.sum(dim=1) > 0).sum()               # sequences with a target
+        token_weight = is_token.to(hidden.dtype) / count.clamp(min=1).to(hidden.dtype)
+        return linear_cross_entropy(hidden, head.weight, head.bias, labels, token_weight,
+                                    smoothing=self.label_smoothing, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"

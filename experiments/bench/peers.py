@@ -1,11 +1,13 @@
 """The models the training and decoding benchmarks compare, built at one shared size.
 
-Every builder returns a :class:`Contender`: the module and ``logits(src, tgt) -> (b, t, V)``.
+Every builder returns a :class:`Contender`: the module, ``logits(src, tgt) -> (b, t, V)`` and
+the training loss ``loss(src, tgt, labels)`` (cross-entropy of the logits for the peers; for
+polytask the path its training loop takes, which never materialises the logits).
 A peer whose library is missing (or fails to build) is reported by ``build_all`` as
 ``{name: "error text"}`` instead of a contender, never raised.
 
 * ``polytask`` — :class:`core.transformer.EncoderDecoder` with the default (pre-norm,
-  sinusoidal, GELU, biased) :class:`core.config.ModelConfig` at that size.
+  learned positions, GELU, biased) :class:`core.config.ModelConfig` at that size.
 * ``hf_t5`` — Hugging Face ``T5ForConditionalGeneration`` (RMSNorm, relative position bias,
   ReLU, no biases, tied embeddings), ``d_kv = d_model // n_heads``; SDPA attention.
 * ``torch`` — ``torch.nn.Transformer`` (pre-norm, GELU, batch-first) plus a token embedding,
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import ModelConfig
 from core.transformer import EncoderDecoder
+from losses.generative import GenerativeLoss
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,11 +56,30 @@ SIZES = {
 }
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def logits_loss(logits: Logits) -> Loss:
+    """The peers' training loss: ``F.cross_entropy`` of their logits, mean over tokens."""
+    def loss(src: torch.Tensor, tgt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = logits(src, tgt)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+    return loss
+
+
 @dataclass
 class Contender:
+    """``logits(src, tgt_in)``; ``loss(src, tgt_in, labels)`` is what a training step
+    differentiates (default: cross-entropy of ``logits``)."""
+
     name: str
     model: nn.Module
     logits: Logits
+    loss: Loss | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss is None:
+            self.loss = logits_loss(self.logits)
 
 
 def polytask_config(size: Size) -> ModelConfig:
@@ -67,8 +90,18 @@ def polytask_config(size: Size) -> ModelConfig:
 
 
 def build_polytask(size: Size) -> Contender:
+    """polytask's training path: the token-mean ``generative`` loss computed from the decoder
+    states by the chunked LM head + cross-entropy (:mod:`losses.linear_ce`), as the training
+    loop does (``heads.objective``)."""
     model = EncoderDecoder(polytask_config(size))
-    return Contender("polytask", model, lambda src, tgt: model(src, tgt))
+    criterion = GenerativeLoss()
+
+    def loss(src: torch.Tensor, tgt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        src_mask = src != model.config.pad_id
+        hidden = model.decode(tgt, model.encode(src, src_mask), src_mask)
+        return criterion.from_hidden(hidden, model, labels.reshape(tgt.shape))
+
+    return Contender("polytask", model, lambda src, tgt: model(src, tgt), loss)
 
 
 def build_hf_t5(size: Size) -> Contender:

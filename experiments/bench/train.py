@@ -4,8 +4,10 @@
     polytask bench train --size large --steps 3 --json train.json
     python -m experiments.bench.train --size toy --steps 1 --rounds 1   # seconds
 
-One step = ``zero_grad`` + forward (ids -> logits) + cross-entropy + backward + AdamW step, fp32,
-on random ids with no padding. polytask uses :func:`core.optim.make_optimizer` (fused AdamW);
+One step = ``zero_grad`` + forward + token-mean cross-entropy + backward + AdamW step, fp32,
+on random ids with no padding. Peers compute the logits and ``F.cross_entropy``; polytask takes
+its training loop's path (``GenerativeLoss.from_hidden``: the LM head and the loss in row
+chunks, :mod:`losses.linear_ce`), which never holds the ``(b·t, V)`` logits. polytask uses :func:`core.optim.make_optimizer` (fused AdamW);
 peers use ``torch.optim.AdamW(model.parameters())`` as their own examples do
 (``--peer-optimizer fused`` gives them the fused kernel too).
 
@@ -30,7 +32,6 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-import torch.nn.functional as F
 
 from core.optim import make_optimizer
 from experiments.bench.attention import peak_bytes
@@ -54,8 +55,7 @@ def make_step(c: Contender, size: Size, peer_optimizer: str):
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        logits = c.logits(src, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+        loss = c.loss(src, tgt_in, labels)
         loss.backward()
         opt.step()
         return loss.item()

@@ -53,3 +53,43 @@ def test_shape_mismatch_and_bad_reduction_raise():
         losses.get("generative")(reduction="mean")
     with pytest.raises(ValueError, match=r"\(2, 3, 5\)"):
         losses.get("generative")()(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def _lm(**overrides):
+    from core.config import ModelConfig
+    from core.transformer import EncoderDecoder
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=23, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+                         n_decoder_layers=1, **overrides)
+    return EncoderDecoder(config).double()
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("overrides", [{}, {"rescale_tied_output": True, "lm_head_bias": True}])
+def test_from_hidden_equals_the_loss_of_the_logits(reduction, smoothing, overrides):
+    lm = _lm(**overrides)
+    hidden = torch.randn(4, 6, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 23, (4, 6))
+    labels[0, 4:] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX
+    loss = losses.get("generative")(reduction=reduction, label_smoothing=smoothing)
+    fused = loss.from_hidden(hidden, lm, labels)
+    twin = loss(lm.logits(hidden), labels)
+    torch.testing.assert_close(fused, twin)
+    params = [hidden, lm.lm_head.weight] + ([lm.lm_head.bias] if lm.lm_head.bias is not None else [])
+    for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(twin, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_from_hidden_falls_back_to_the_logits_for_a_wrapped_head():
+    from core.peft.lora import LoRALinear
+    lm = _lm()
+    lm.lm_head = LoRALinear(lm.lm_head, r=2)
+    torch.nn.init.normal_(lm.lm_head.lora_B)     # a head whose output differs from its base's
+    hidden = torch.randn(2, 3, 16, dtype=torch.float64)
+    labels = torch.randint(0, 23, (2, 3))
+    loss = losses.get("generative")()
+    from losses.generative import fusable_head
+    assert fusable_head(lm) is None and fusable_head(_lm()) is not None
+    torch.testing.assert_close(loss.from_hidden(hidden, lm, labels), loss(lm.logits(hidden), labels))
