@@ -25,7 +25,8 @@ def _plain(*projections: nn.Module) -> bool:
                for m in projections)
 
 
-def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
+def fused_linear(x: torch.Tensor, *projections: nn.Linear,
+                 cache: dict | None = None) -> list[torch.Tensor]:
     """``[p(x) for p in projections]`` computed as ONE matmul with the weights concatenated.
 
     Why faster: one GEMM of width ``sum(n_out)`` instead of several narrow ones reads ``x`` once,
@@ -33,9 +34,23 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]
     GEMM, one bias reduction and no accumulation of the input gradients from separate branches.
     The weights are concatenated at call time (a copy of ``3·d²`` floats, small next to the
     ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
+    Without autograd (decoding, where that copy is as large as a step's GEMM) the concatenation
+    is kept in ``cache`` and reused while every weight and bias is the same tensor, at the same
+    address and version (any in-place update, e.g. an optimizer step, bumps the version).
     """
-    weight = torch.cat([p.weight for p in projections])
-    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
+    key = [(t.data_ptr(), t._version) for t in params]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if (not grad and cache is not None and cache.get("key") == key
+            and all(a is b for a, b in zip(cache["params"], params))):
+        weight, bias = cache["weight"], cache["bias"]
+    else:
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+        if cache is not None:
+            cache.clear()
+            if not grad:   # holds the params too, so their ids and addresses stay theirs
+                cache.update(key=key, params=params, weight=weight, bias=bias)
     out = torch.nn.functional.linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
 
@@ -76,6 +91,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.out_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        # fused_linear's concatenated weights, reused across calls without autograd
+        self._fused_qkv: dict = {}
+        self._fused_kv: dict = {}
 
     #: use the fused q/k/v (self-attention) and k/v (cross-attention) projections when the
     #: projections are plain Linears; False forces the separate, obvious path (its twin).
@@ -89,7 +107,7 @@ class MultiHeadAttention(nn.Module):
         """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
         if not (self.fused and _plain(self.q_proj, self.k_proj, self.v_proj)):
             return (self._q(x), *self._kv(x))
-        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj, cache=self._fused_qkv)
         # rearrange of a split gives strided views of the fused output: no copies.
         return (rearrange(q, "b i (h d) -> b h i d", h=self.n_heads),
                 rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
@@ -98,7 +116,7 @@ class MultiHeadAttention(nn.Module):
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
         if self.fused and _plain(self.k_proj, self.v_proj):
-            k, v = fused_linear(c, self.k_proj, self.v_proj)
+            k, v = fused_linear(c, self.k_proj, self.v_proj, cache=self._fused_kv)
         else:
             k, v = self.k_proj(c), self.v_proj(c)
         return (rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),

@@ -91,6 +91,32 @@ class DecoderCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
+#: up to this many rows, inference takes the weight-major product in :func:`few_rows_linear`
+FEW_ROWS = 64
+
+
+def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; for at most :data:`FEW_ROWS` rows on the CPU without autograd (a decoding
+    step's LM head), computed as ``(W xᵀ)ᵀ`` — the same products, summed in another order.
+
+    Why faster: with a handful of rows, ``x Wᵀ`` is bound by streaming the ``(V, d)`` weight,
+    and the BLAS kernel for the weight-major ``W xᵀ`` streams it better: 1.3-1.4x on the
+    decoding benchmark's (16, 256) x 8000 head, hot or cold cache. The result is a transposed
+    view; a training loss would then read it with strides, so with autograd on (or for any
+    module but a plain ``nn.Linear``) this is exactly ``linear(x)``.
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (type(linear) is not nn.Linear or torch.is_grad_enabled() or rows > FEW_ROWS
+            or x.device.type != "cpu" or linear._forward_hooks or linear._forward_pre_hooks):
+        return linear(x)
+    flat = x.reshape(rows, x.shape[-1]).t()                               # (d, n)
+    if linear.bias is None:
+        out = torch.mm(linear.weight, flat)                                # (V, n)
+    else:
+        out = torch.addmm(linear.bias[:, None], linear.weight, flat)
+    return out.t().reshape(*x.shape[:-1], linear.out_features)
+
+
 def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """``None`` when a ``(b, 1, 1, j)`` key mask lets every query see every key.
 
@@ -250,7 +276,7 @@ class EncoderDecoder(nn.Module):
         """``(b, t, d)`` -> ``(b, t, V)``; T5 scales tied outputs by ``d**-0.5`` first."""
         if self.config.rescale_tied_output:
             hidden = hidden * self.config.d_model ** -0.5
-        return self.lm_head(hidden)
+        return few_rows_linear(self.lm_head, hidden)
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
                 src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None

@@ -100,3 +100,39 @@ def test_cached_sinusoidal_table_equals_computed_rows(dtype):
                                    atol=0, rtol=0)
     with pytest.raises(ValueError):
         pos(2, 39)
+
+
+def test_fused_weights_are_reused_without_autograd_and_refreshed_after_an_update():
+    m = _mha(True)
+    ref = _mha(False)
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
+        cached = m._fused_qkv["weight"]
+        m(x)
+        assert m._fused_qkv["weight"] is cached          # second call: no new concatenation
+        for mod in (m, ref):                              # an in-place update (optimizer step)
+            mod.k_proj.weight.add_(0.5)
+        torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
+        assert m._fused_qkv["weight"] is not cached
+    m.k_proj.weight = nn.Parameter(m.k_proj.weight.detach() * 2)   # a replaced parameter
+    ref.k_proj.weight = nn.Parameter(ref.k_proj.weight.detach() * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
+    out = m(x)                                            # with autograd: never cached
+    assert m._fused_qkv == {} and out.requires_grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 16, 64, 65])
+def test_few_rows_lm_head_equals_the_linear(bias, rows):
+    from core.transformer import few_rows_linear
+    torch.manual_seed(0)
+    head = nn.Linear(32, 301, bias=bias)
+    x = torch.randn(rows, 1, 32)
+    with torch.no_grad():
+        fast = few_rows_linear(head, x)
+        assert fast.shape == (rows, 1, 301)
+        torch.testing.assert_close(fast, head(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast.argmax(-1), head(x).argmax(-1))
+    assert torch.equal(few_rows_linear(head, x), head(x))   # with autograd: the Linear itself
