@@ -41,6 +41,8 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
     params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
     key = [(t.data_ptr(), t._version) for t in params]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if torch.jit.is_tracing():   # an exported graph keeps the separate weights as its inputs
+        cache = None
     if (not grad and cache is not None and cache.get("key") == key
             and all(a is b for a, b in zip(cache["params"], params))):
         weight, bias = cache["weight"], cache["bias"]

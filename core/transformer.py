@@ -107,7 +107,8 @@ def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     rows = x.numel() // max(x.shape[-1], 1)
     if (type(linear) is not nn.Linear or torch.is_grad_enabled() or rows > FEW_ROWS
-            or x.device.type != "cpu" or linear._forward_hooks or linear._forward_pre_hooks):
+            or x.device.type != "cpu" or linear._forward_hooks or linear._forward_pre_hooks
+            or torch.jit.is_tracing()):   # an exported graph must not bake in the row count
         return linear(x)
     flat = x.reshape(rows, x.shape[-1]).t()                               # (d, n)
     if linear.bias is None:
