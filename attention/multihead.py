@@ -18,9 +18,9 @@ from attention.functional import scaled_dot_product_attention
 from attention.kv_cache import KVCache
 
 
-def _plain(*projections: nn.Module) -> bool:
-    """True when every projection is an un-hooked ``nn.Linear`` (not, e.g., a LoRA wrapper),
-    so that concatenating their weights computes exactly what calling them would."""
+def plain_linear(*projections: nn.Module) -> bool:
+    """True when every module is an un-hooked ``nn.Linear`` (not, e.g., a LoRA wrapper), so that
+    a fast path computing with their ``weight`` and ``bias`` does exactly what calling them would."""
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
                for m in projections)
 
@@ -107,7 +107,7 @@ class MultiHeadAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
-        if not (self.fused and _plain(self.q_proj, self.k_proj, self.v_proj)):
+        if not (self.fused and plain_linear(self.q_proj, self.k_proj, self.v_proj)):
             return (self._q(x), *self._kv(x))
         q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj, cache=self._fused_qkv)
         # rearrange of a split gives strided views of the fused output: no copies.
@@ -117,7 +117,7 @@ class MultiHeadAttention(nn.Module):
 
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
-        if self.fused and _plain(self.k_proj, self.v_proj):
+        if self.fused and plain_linear(self.k_proj, self.v_proj):
             k, v = fused_linear(c, self.k_proj, self.v_proj, cache=self._fused_kv)
         else:
             k, v = self.k_proj(c), self.v_proj(c)

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attention.multihead import plain_linear
 from core.config import ModelConfig
 from core.feedforward import feedforward_parameters
 from core.layers import DecoderLayer, EncoderLayer, LayerCache
@@ -106,8 +107,8 @@ def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     module but a plain ``nn.Linear``) this is exactly ``linear(x)``.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if (type(linear) is not nn.Linear or torch.is_grad_enabled() or rows > FEW_ROWS
-            or x.device.type != "cpu" or linear._forward_hooks or linear._forward_pre_hooks
+    if (not plain_linear(linear) or torch.is_grad_enabled() or rows > FEW_ROWS
+            or x.device.type != "cpu"
             or torch.jit.is_tracing()):   # an exported graph must not bake in the row count
         return linear(x)
     flat = x.reshape(rows, x.shape[-1]).t()                               # (d, n)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attention.multihead import plain_linear
 from core.batch import IGNORE_INDEX
 from core.transformer import EncoderDecoder
 from losses.cross_entropy import check_smoothing, smoothed_nll
@@ -31,8 +32,7 @@ def fusable_head(lm: Any) -> nn.Linear | None:
     head, a model without the attribute, autocast, ...)."""
     head = getattr(lm, "lm_head", None)
     if (not isinstance(lm, EncoderDecoder) or type(lm).logits is not EncoderDecoder.logits
-            or type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks
-            or torch.is_autocast_enabled(head.weight.device.type)):
+            or not plain_linear(head) or torch.is_autocast_enabled(head.weight.device.type)):
         return None
     return head
 
