@@ -7,8 +7,8 @@ The obvious twin (right-hand side) materialises the ``(N, V)`` logits, a ``(N, V
 log-softmax, and in backward two more ``(N, V)`` gradients; at N = 2048 target tokens and a
 vocabulary of 8000 that is four 65 MB tensors per step, each freshly allocated (and, above
 glibc's mmap threshold, page-faulted) and each streamed through memory several times. Here the
-rows are processed ``chunk`` at a time: a chunk's logits ``z`` (``chunk × V``, a few MB, which
-stays in cache) give the loss, and — when gradients are wanted — are turned *in place* into the
+rows are processed ``chunk`` at a time: a chunk's logits ``z`` (``chunk × V``, 16 MB by default,
+one buffer size reused from chunk to chunk) give the loss, and — when gradients are wanted — are turned *in place* into the
 gradient of the loss w.r.t. the logits,
 
     dL/dz_c = w · (softmax(z)_c - (1 - eps)·[c == y] - eps / V),
@@ -34,8 +34,9 @@ from torch.autograd.function import once_differentiable
 
 from core.batch import IGNORE_INDEX
 
-#: rows per chunk are chosen so that one chunk of logits holds about this many elements
-#: (4 Mi floats = 16 MB in fp32: big GEMMs, still cache-friendly; see ``polytask bench train``).
+#: rows per chunk are chosen so that one chunk of logits holds about this many elements (4 Mi
+#: floats = 16 MB in fp32). Measured on a (2048, 256) x 8000 head, forward + backward, 2 threads:
+#: 128-row chunks ~250 ms, 256 to 2048 rows 195-240 ms (flat within noise), the twin 275-290 ms.
 CHUNK_ELEMENTS = 1 << 22
 
 
