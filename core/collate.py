@@ -53,10 +53,7 @@ def _describe(row: Example) -> str:
 
 def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def collate(rows: Sequence[Example], tokenizer: Tokenizer, task_index: dict[str, int], *,

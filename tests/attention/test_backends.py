@@ -197,3 +197,18 @@ def test_chunked_refuses_dropout():
     q, k, v = _inputs(1, 1, 4, 4, 4, 4)
     with pytest.raises(ValueError, match="chunked backend does not support dropout"):
         scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend="chunked")
+
+
+def test_broadcast_check_agrees_with_torch():
+    import itertools
+
+    from attention.functional import _broadcasts
+    target = (2, 3, 4, 5)
+    for n in range(6):
+        for shape in itertools.product((1, 2, 3, 4, 5, 6), repeat=n):
+            try:
+                torch.broadcast_shapes(shape, target)
+                expect = torch.broadcast_shapes(shape, target) == torch.Size(target)
+            except RuntimeError:
+                expect = False
+            assert _broadcasts(shape, target) == expect, shape
