@@ -10,12 +10,22 @@ Every combination of grid values is run once per seed in ``OUT/runs/<name>``. A 
 resumed — so an interrupted ablation continues where it stopped. The runs are read back from
 their directories to write the reports, so the outputs never depend on which runs happened in
 this invocation.
+
+``jobs > 1`` trains that many runs at once, each in its own process with ``threads`` torch
+threads (default: the machine's cores divided among the jobs). Small models gain most: on 2
+cores, two 1-thread runs of the ``quick`` config finish in 19 s where two 2-thread runs one
+after the other take 42 s (kernels of a d_model-64 model are too small to use two threads
+well). A run's numbers depend on its thread count (reduction order), not on ``jobs``.
 """
 from __future__ import annotations
 
 import csv
 import itertools
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +75,62 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str
 
 
 def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-           progress: bool = True) -> dict[str, Path]:
+           progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict[str, Path]:
+    """Run (or resume) every run of the ablation, then write the reports; see the module
+    docstring for ``jobs`` and ``threads``."""
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"jobs ({jobs}) and threads ({threads}) must be positive")
     runs = plan(path, overrides)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    todo = []
     for i, (name, combo, seed, cfg) in enumerate(runs):
         run_dir = out / "runs" / name
         if (run_dir / "summary.json").exists():
             print(f"[{i + 1}/{len(runs)}] {name}: complete, skipped")
             continue
         resume = latest_checkpoint(run_dir) is not None
-        print(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if resume else 'training'}")
-        train_run(cfg, run_dir, resume=resume, progress=progress)
+        todo.append((i, name, cfg, run_dir, resume))
+    if jobs == 1:
+        for i, name, cfg, run_dir, resume in todo:
+            print(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if resume else 'training'}")
+            train_run(cfg, run_dir, resume=resume, progress=progress)
+    elif todo:
+        _run_parallel(todo, len(runs), jobs, threads or max(1, (os.cpu_count() or 1) // jobs))
     return write_reports(out, runs)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _train_quietly(cfg: RunConfig, run_dir: Path, resume: bool) -> float:
+    start = time.perf_counter()
+    train_run(cfg, run_dir, resume=resume, progress=False)
+    return time.perf_counter() - start
+
+
+def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
+    """Train the runs of ``todo`` in ``jobs`` worker processes (spawned: no state shared with
+    this one). A failed run stops the ablation with its name; finished runs stay finished."""
+    print(f"training {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        for i, name, cfg, run_dir, resume in todo:
+            print(f"[{i + 1}/{total}] {name}: {'resuming' if resume else 'training'}")
+            futures[pool.submit(_train_quietly, cfg, run_dir, resume)] = (i, name)
+        for future in as_completed(futures):
+            i, name = futures[future]
+            try:
+                seconds = future.result()
+            except Exception as err:
+                for other in futures:
+                    other.cancel()
+                raise RuntimeError(f"run {name} failed: {err}") from err
+            print(f"[{i + 1}/{total}] {name}: done in {seconds:.0f} s")
 
 
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:

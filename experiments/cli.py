@@ -4,7 +4,7 @@
     polytask train --resume RUN_DIR
     polytask eval RUN_DIR [--split test]
     polytask generate RUN_DIR --task T --input TEXT
-    polytask ablate CONFIG [key=value ...] [--out DIR]
+    polytask ablate CONFIG [key=value ...] [--out DIR] [--jobs N]
     polytask bench [what ...]
     polytask export RUN_DIR --onnx OUT_DIR
 
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("overrides", nargs="*")
     a.add_argument("--out", help="output directory (default runs/<config name>)")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1)")
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run with --jobs (default: cores / jobs)")
 
     b = sub.add_parser("bench", help="benchmarks (see experiments/bench)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -101,7 +105,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from experiments.ablate import ablate
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    paths = ablate(args.config, out, args.overrides, progress=not args.no_progress)
+    paths = ablate(args.config, out, args.overrides, progress=not args.no_progress,
+                   jobs=args.jobs, threads=args.threads)
     print(paths["table"].read_text())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
 

@@ -27,3 +27,16 @@ def test_ablate_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     assert main(["ablate", str(TINY), *ARGS, "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("complete, skipped") == 4
     assert "training" in printed
+
+
+def test_parallel_jobs_give_the_runs_of_a_sequential_ablation(tmp_path, capsys):
+    # conftest runs the tests with 1 torch thread; the workers get 1 thread too, so every run
+    # must reproduce its sequential twin bit for bit.
+    args = [a for a in ARGS if not a.startswith("grid.")] + ["grid.sharing.strategy=[hard]"]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(["ablate", str(TINY), *args, "--out", str(seq), "--no-progress"]) == 0
+    assert main(["ablate", str(TINY), *args, "--out", str(par), "--no-progress",
+                 "--jobs", "2", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 at a time, 1 thread(s) each" in printed and printed.count(": done in") == 2
+    assert (seq / "results.csv").read_text() == (par / "results.csv").read_text()
