@@ -21,7 +21,8 @@ what PyTorch allocates — activations, saved tensors, gradients, workspaces —
 plus the bytes alive before the step: parameters, buffers and AdamW's two moments.
 
 **FLOPs.** :mod:`experiments.bench.flops` counts polytask's step analytically; achieved FLOP/s
-is divided by an fp32 2048² ``torch.mm`` measured in the same run.
+(median step) is divided by the fp32 2048² ``torch.mm`` peak measured in the same run: the best
+of 3 mm's after every round, median over the rounds.
 """
 from __future__ import annotations
 
@@ -87,13 +88,17 @@ def run(size: Size, models: list[str], *, warmup: int = 2, rounds: int = 3, step
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in contenders]
+    peaks: list[float] = []
     for _ in range(rounds):
         for n, (fn, _) in enumerate(steps_fns):
             for _ in range(steps):
                 start = timer()
                 fn()
                 times[n].append(timer() - start)
-    peak = matmul_peak(timer=timer)
+        # the mm peak is sampled in every round too, so that it sees the machine in the same
+        # state as the steps it is compared with (a VM's speed drifts over minutes)
+        peaks.append(matmul_peak(repeats=3, timer=timer))
+    peak = statistics.median(peaks)
     tokens = size.batch * 2 * size.length
     rows = []
     for c, (fn, opt), ts in zip(contenders, steps_fns, times):
@@ -114,6 +119,7 @@ def run(size: Size, models: list[str], *, warmup: int = 2, rounds: int = 3, step
         "size": asdict(size), "tokens_per_step": tokens, "threads": torch.get_num_threads(),
         "clock": clock,
         "rows": rows, "missing": missing, "flops": flops, "peak_flops": peak,
+        "peak_flops_per_round": peaks,
         "achieved_flops": flops["total"] / ours["step_s"],
         "fraction_of_peak": flops["total"] / ours["step_s"] / peak,
         "fastest_peer": fastest["model"] if fastest else None,
