@@ -39,22 +39,27 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
     address and version (any in-place update, e.g. an optimizer step, bumps the version).
     """
     params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
-    key = [(t.data_ptr(), t._version) for t in params]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    if torch.jit.is_tracing():   # an exported graph keeps the separate weights as its inputs
-        cache = None
-    if (not grad and cache is not None and cache.get("key") == key
-            and all(a is b for a, b in zip(cache["params"], params))):
-        weight, bias = cache["weight"], cache["bias"]
+    # an exported graph keeps the separate weights as its inputs: no cache while tracing
+    if cache is None or grad or torch.jit.is_tracing():
+        if cache:
+            cache.clear()   # a stale entry would pin old parameters in memory
+        weight, bias = _concatenated(projections)
     else:
-        weight = torch.cat([p.weight for p in projections])
-        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-        if cache is not None:
-            cache.clear()
-            if not grad:   # holds the params too, so their ids and addresses stay theirs
-                cache.update(key=key, params=params, weight=weight, bias=bias)
+        key = [(t.data_ptr(), t._version) for t in params]
+        if not (cache.get("key") == key and all(a is b for a, b in zip(cache["params"], params))):
+            # the cache holds the params too, so their ids and addresses stay theirs
+            cache.update(zip(("key", "params", "weight", "bias"),
+                             (key, params, *_concatenated(projections))))
+        weight, bias = cache["weight"], cache["bias"]
     out = torch.nn.functional.linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
+
+
+def _concatenated(projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([p.weight for p in projections])
+    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    return weight, bias
 
 
 class MultiHeadAttention(nn.Module):
