@@ -16,13 +16,7 @@ from torch import nn
 
 from attention.functional import scaled_dot_product_attention
 from attention.kv_cache import KVCache
-
-
-def plain_linear(*projections: nn.Module) -> bool:
-    """True when every module is an un-hooked ``nn.Linear`` (not, e.g., a LoRA wrapper), so that
-    a fast path computing with their ``weight`` and ``bias`` does exactly what calling them would."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-               for m in projections)
+from attention.packed import apply_linear, inference_linear, plain_linear
 
 
 def fused_linear(x: torch.Tensor, *projections: nn.Linear,
@@ -36,7 +30,8 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
     ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
     Without autograd (decoding, where that copy is as large as a step's GEMM) the concatenation
     is kept in ``cache`` and reused while every weight and bias is the same tensor, at the same
-    address and version (any in-place update, e.g. an optimizer step, bumps the version).
+    address and version (any in-place update, e.g. an optimizer step, bumps the version);
+    the product then goes through :func:`attention.packed.inference_linear`.
     """
     params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
@@ -52,7 +47,7 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
             cache.update(zip(("key", "params", "weight", "bias"),
                              (key, params, *_concatenated(projections))))
         weight, bias = cache["weight"], cache["bias"]
-    out = torch.nn.functional.linear(x, weight, bias)
+    out = inference_linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
 
 
@@ -108,7 +103,7 @@ class MultiHeadAttention(nn.Module):
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries ``(b, h, i, d)`` of ``x`` ``(b, i, d_model)``."""
-        return rearrange(self.q_proj(x), "b i (h d) -> b h i d", h=self.n_heads)
+        return rearrange(apply_linear(self.q_proj, x), "b i (h d) -> b h i d", h=self.n_heads)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
@@ -125,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         if self.fused and plain_linear(self.k_proj, self.v_proj):
             k, v = fused_linear(c, self.k_proj, self.v_proj, cache=self._fused_kv)
         else:
-            k, v = self.k_proj(c), self.v_proj(c)
+            k, v = apply_linear(self.k_proj, c), apply_linear(self.v_proj, c)
         return (rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
                 rearrange(v, "b j (h d) -> b h j d", h=self.n_kv_heads))
 
@@ -174,7 +169,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask, causal=causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend, bias=position_bias)
-        return self.out_proj(rearrange(out, "b h i d -> b i (h d)"))
+        return apply_linear(self.out_proj, rearrange(out, "b h i d -> b i (h d)"))
 
     @classmethod
     def from_torch(cls, m: nn.MultiheadAttention, backend: str = "auto") -> "MultiHeadAttention":

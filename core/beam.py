@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attention.packed import packed_weights
 from core.generation import start_decoding
 
 
@@ -54,6 +55,7 @@ class _Hypotheses:
 
 
 @torch.no_grad()
+@packed_weights()  # inference-only packed weights for this call (attention.packed)
 def beam_search(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None, *,
                 num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
                 bos_id: int, eos_id: int, pad_id: int,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention.packed import apply_linear
 from core.config import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -51,7 +52,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.dropout(self.act(self.wi(x))))
+        return apply_linear(self.wo, self.dropout(self.act(apply_linear(self.wi, x))))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -74,7 +75,8 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+        gate, value = apply_linear(self.wi_0, x), apply_linear(self.wi_1, x)
+        return apply_linear(self.wo, self.dropout(self.act(gate) * value))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

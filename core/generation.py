@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attention.packed import packed_weights
+
 METHODS = ("greedy", "beam", "sample")
 
 
@@ -181,19 +183,20 @@ def generate(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = 
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p ({top_p}) must be in (0, 1]")
     bos_id, eos_id, pad_id = _resolve_ids(model, bos_id, eos_id, pad_id)
-    if method == "beam":
-        from core.beam import beam_search  # beam.py imports this module; import late
+    with packed_weights():  # inference-only packed weights for this call (attention.packed)
+        if method == "beam":
+            from core.beam import beam_search  # beam.py imports this module; import late
 
-        tokens, _ = beam_search(model, src_ids, src_mask, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                                bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                                use_cache=use_cache)
-        return tokens
-    state = start_decoding(model, src_ids, src_mask, pad_id, use_cache)
-    return _greedy_or_sample(
-        state, src_ids.shape[0], src_ids.device, max_new_tokens=max_new_tokens,
-        sample=method == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
-        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, generator=generator)
+            tokens, _ = beam_search(model, src_ids, src_mask, num_beams=num_beams,
+                                    max_new_tokens=max_new_tokens,
+                                    length_penalty=length_penalty, bos_id=bos_id,
+                                    eos_id=eos_id, pad_id=pad_id, use_cache=use_cache)
+            return tokens
+        state = start_decoding(model, src_ids, src_mask, pad_id, use_cache)
+        return _greedy_or_sample(
+            state, src_ids.shape[0], src_ids.device, max_new_tokens=max_new_tokens,
+            sample=method == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
+            bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, generator=generator)
 
 
 @torch.no_grad()
@@ -206,12 +209,13 @@ def sequence_log_probs(model: Any, src_ids: torch.Tensor, tokens: torch.Tensor,
 
     Returns ``(log_prob (b,), length (b,))``; used to compare decoding methods under one score.
     """
-    state = start_decoding(model, src_ids, src_mask, pad_id, use_cache=False)
-    start = torch.full((tokens.shape[0], 1), bos_id, dtype=torch.long, device=tokens.device)
-    tgt_in = torch.cat([start, tokens[:, :-1]], dim=1)
-    hidden = model.decode(tgt_in, state.memory, src_mask=state.src_mask,
-                          tgt_mask=torch.ones_like(tgt_in, dtype=torch.bool))
-    log_probs = F.log_softmax(model.logits(hidden).float(), dim=-1)  # (b, t, V)
+    with packed_weights():
+        state = start_decoding(model, src_ids, src_mask, pad_id, use_cache=False)
+        start = torch.full((tokens.shape[0], 1), bos_id, dtype=torch.long, device=tokens.device)
+        tgt_in = torch.cat([start, tokens[:, :-1]], dim=1)
+        hidden = model.decode(tgt_in, state.memory, src_mask=state.src_mask,
+                              tgt_mask=torch.ones_like(tgt_in, dtype=torch.bool))
+        log_probs = F.log_softmax(model.logits(hidden).float(), dim=-1)  # (b, t, V)
     token_lp = log_probs.gather(-1, tokens[..., None])[..., 0]  # (b, t)
     is_eos = tokens == eos_id
     # a position counts if no eos came strictly before it

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attention.multihead import plain_linear
+from attention.packed import apply_linear
 from core.config import ModelConfig
 from core.feedforward import feedforward_parameters
 from core.layers import DecoderLayer, EncoderLayer, LayerCache
@@ -90,33 +90,6 @@ class DecoderCache:
             layer.cross_attn.reorder(index)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
-
-
-#: up to this many rows, inference takes the weight-major product in :func:`few_rows_linear`
-FEW_ROWS = 64
-
-
-def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; for at most :data:`FEW_ROWS` rows on the CPU without autograd (a decoding
-    step's LM head), computed as ``(W xᵀ)ᵀ`` — the same products, summed in another order.
-
-    Why faster: with a handful of rows, ``x Wᵀ`` is bound by streaming the ``(V, d)`` weight,
-    and the BLAS kernel for the weight-major ``W xᵀ`` streams it better: 1.3-1.4x on the
-    decoding benchmark's (16, 256) x 8000 head, hot or cold cache. The result is a transposed
-    view; a training loss would then read it with strides, so with autograd on (or for any
-    module but a plain ``nn.Linear``) this is exactly ``linear(x)``.
-    """
-    rows = x.numel() // max(x.shape[-1], 1)
-    if (not plain_linear(linear) or torch.is_grad_enabled() or rows > FEW_ROWS
-            or x.device.type != "cpu"
-            or torch.jit.is_tracing()):   # an exported graph must not bake in the row count
-        return linear(x)
-    flat = x.reshape(rows, x.shape[-1]).t()                               # (d, n)
-    if linear.bias is None:
-        out = torch.mm(linear.weight, flat)                                # (V, n)
-    else:
-        out = torch.addmm(linear.bias[:, None], linear.weight, flat)
-    return out.t().reshape(*x.shape[:-1], linear.out_features)
 
 
 def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -278,7 +251,7 @@ class EncoderDecoder(nn.Module):
         """``(b, t, d)`` -> ``(b, t, V)``; T5 scales tied outputs by ``d**-0.5`` first."""
         if self.config.rescale_tied_output:
             hidden = hidden * self.config.d_model ** -0.5
-        return few_rows_linear(self.lm_head, hidden)
+        return apply_linear(self.lm_head, hidden)
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
                 src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None

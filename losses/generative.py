@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attention.multihead import plain_linear
+from attention.packed import plain_linear
 from core.batch import IGNORE_INDEX
 from core.transformer import EncoderDecoder
 from losses.cross_entropy import check_smoothing, smoothed_nll

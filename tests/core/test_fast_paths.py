@@ -121,18 +121,3 @@ def test_fused_weights_are_reused_without_autograd_and_refreshed_after_an_update
         torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
     out = m(x)                                            # with autograd: never cached
     assert m._fused_qkv == {} and out.requires_grad
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 16, 64, 65])
-def test_few_rows_lm_head_equals_the_linear(bias, rows):
-    from core.transformer import few_rows_linear
-    torch.manual_seed(0)
-    head = nn.Linear(32, 301, bias=bias)
-    x = torch.randn(rows, 1, 32)
-    with torch.no_grad():
-        fast = few_rows_linear(head, x)
-        assert fast.shape == (rows, 1, 301)
-        torch.testing.assert_close(fast, head(x), rtol=1e-5, atol=1e-5)
-        assert torch.equal(fast.argmax(-1), head(x).argmax(-1))
-    assert torch.equal(few_rows_linear(head, x), head(x))   # with autograd: the Linear itself

@@ -1,0 +1,126 @@
+"""``inference_linear`` (oneDNN with a pre-packed weight) agrees with ``F.linear``, its twin, and
+is taken only where it is safe: in a ``packed_weights`` block, no autograd, CPU fp32, no
+autocast; stale packs are never used."""
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attention.packed as packed
+from attention.packed import (apply_linear, inference_linear, packable, packed_weight,
+                              packed_weights)
+
+needs_onednn = pytest.mark.skipif(not packed._AVAILABLE, reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 5, 48), (2, 3, 4, 48), (0, 48)])
+def test_values_equal_f_linear(bias, shape):
+    torch.manual_seed(0)
+    w, b = torch.randn(301, 48), (torch.randn(301) if bias else None)
+    x = torch.randn(*shape)
+    with torch.no_grad(), packed_weights():
+        assert packable(x, w, b)
+        out = inference_linear(x, w, b)
+    assert out.shape == (*shape[:-1], 301) and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_strided_input_and_fp64_reference():
+    torch.manual_seed(1)
+    w, b = torch.randn(64, 96), torch.randn(64)
+    x = torch.randn(96, 10).t()                       # (10, 96), not contiguous
+    with torch.no_grad(), packed_weights():
+        out = inference_linear(x, w, b)
+    torch.testing.assert_close(out.double(), F.linear(x.double(), w.double(), b.double()),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_with_autograd_it_is_f_linear_with_its_gradients():
+    torch.manual_seed(2)
+    lin = nn.Linear(8, 6)
+    x = torch.randn(4, 8, requires_grad=True)
+    with packed_weights():
+        assert not packable(x, lin.weight, lin.bias)
+        out = apply_linear(lin, x)
+    assert torch.equal(out, lin(x))
+    out.sum().backward()
+    expect_w = torch.ones(4, 6).t() @ x.detach()
+    torch.testing.assert_close(lin.weight.grad, expect_w)
+    torch.testing.assert_close(x.grad, torch.ones(4, 6) @ lin.weight.detach())
+
+
+def test_falls_back_where_it_must_not_apply():
+    w, x = torch.randn(6, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert not packable(x, w)                                # outside a block
+        assert torch.equal(inference_linear(x, w), F.linear(x, w))
+    with torch.no_grad(), packed_weights():
+        assert not packable(x.double(), w.double())              # not fp32
+        assert not packable(x[0], w)                             # 1-d input
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not packable(x, w)
+            assert inference_linear(x, w).dtype == torch.bfloat16  # autocast's F.linear
+        assert torch.equal(inference_linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+    with packed_weights():   # grad mode on but nothing needs a gradient: it may pack
+        assert packable(x, w) == packed._AVAILABLE
+
+
+@needs_onednn
+def test_pack_is_rebuilt_when_the_weight_changes():
+    torch.manual_seed(3)
+    lin = nn.Linear(16, 24)
+    x = torch.randn(5, 16)
+    with torch.no_grad(), packed_weights():
+        first = packed_weight(lin.weight)
+        with packed_weights():                                       # nested: same copies
+            assert packed_weight(lin.weight) is first
+        assert packed_weight(lin.weight) is first
+        lin.weight.mul_(2.0)                                         # in place: new version
+        torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+        assert packed_weight(lin.weight) is not first
+        lin.weight.data = torch.randn(24, 16)                        # new storage, same tensor
+        torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+    assert packed._STATE.cache is None                               # dropped with the block
+
+
+@needs_onednn
+def test_a_fused_optimizer_step_between_blocks_is_seen():
+    """A fused AdamW step does not bump the version counter; packs must not outlive a block."""
+    torch.manual_seed(4)
+    lin = nn.Linear(16, 24)
+    x = torch.randn(5, 16)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)
+    with torch.no_grad(), packed_weights():
+        before = apply_linear(lin, x)
+    lin(x).pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad(), packed_weights():
+        after = apply_linear(lin, x)
+        torch.testing.assert_close(after, lin(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_other_modules_are_called():
+    class Twice(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    lin = Twice(4, 3)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(apply_linear(lin, x), lin(x))
+        hooked = nn.Linear(4, 3)
+        hooked.register_forward_hook(lambda m, i, o: o + 1)
+        assert torch.equal(apply_linear(hooked, x), hooked(x))
+
+
+@needs_onednn
+def test_inference_mode_weights():
+    with torch.inference_mode(), packed_weights():
+        w, x = torch.randn(7, 9), torch.randn(2, 9)
+        torch.testing.assert_close(inference_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
