@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from attention.functional import scaled_dot_product_attention
@@ -49,6 +48,16 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
         weight, bias = cache["weight"], cache["bias"]
     out = inference_linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
+
+
+def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``(b, i, h·d)`` -> ``(b, h, i, d)`` (einops: ``"b i (h d) -> b h i d"``), a view."""
+    return t.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """``(b, h, i, d)`` -> ``(b, i, h·d)`` (einops: ``"b h i d -> b i (h d)"``)."""
+    return t.transpose(1, 2).flatten(2)
 
 
 def _concatenated(projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -103,17 +112,16 @@ class MultiHeadAttention(nn.Module):
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries ``(b, h, i, d)`` of ``x`` ``(b, i, d_model)``."""
-        return rearrange(apply_linear(self.q_proj, x), "b i (h d) -> b h i d", h=self.n_heads)
+        return split_heads(apply_linear(self.q_proj, x), self.n_heads)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
         if not (self.fused and plain_linear(self.q_proj, self.k_proj, self.v_proj)):
             return (self._q(x), *self._kv(x))
         q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj, cache=self._fused_qkv)
-        # rearrange of a split gives strided views of the fused output: no copies.
-        return (rearrange(q, "b i (h d) -> b h i d", h=self.n_heads),
-                rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
-                rearrange(v, "b j (h d) -> b h j d", h=self.n_kv_heads))
+        # heads of a split are strided views of the fused output: no copies.
+        return (split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads),
+                split_heads(v, self.n_kv_heads))
 
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
@@ -121,8 +129,7 @@ class MultiHeadAttention(nn.Module):
             k, v = fused_linear(c, self.k_proj, self.v_proj, cache=self._fused_kv)
         else:
             k, v = apply_linear(self.k_proj, c), apply_linear(self.v_proj, c)
-        return (rearrange(k, "b j (h d) -> b h j d", h=self.n_kv_heads),
-                rearrange(v, "b j (h d) -> b h j d", h=self.n_kv_heads))
+        return split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
 
     def forward(
         self,
@@ -169,7 +176,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask, causal=causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend, bias=position_bias)
-        return apply_linear(self.out_proj, rearrange(out, "b h i d -> b i (h d)"))
+        return apply_linear(self.out_proj, merge_heads(out))
 
     @classmethod
     def from_torch(cls, m: nn.MultiheadAttention, backend: str = "auto") -> "MultiHeadAttention":

@@ -6,7 +6,7 @@ Why faster: PyTorch's CPU ``F.linear`` calls the BLAS library it was built with 
 x86 wheels). oneDNN, which PyTorch also ships, can re-lay a weight once into the blocked
 format its GEMM kernels stream best (``torch.ops.mkldnn._reorder_linear_weight``; the same op
 ``torch.compile`` uses when it freezes weights). Without autograd the weights do not change
-from call to call, so the packed copy is made once and reused. On the benchmark machine
+from call to call, so the packed copy is made once (on a weight's second use) and reused. On the benchmark machine
 (``polytask bench decode``, docs/benchmarks.md) a packed ``(16, 256) x (256, 8000)`` LM head
 took 0.6 ms against MKL's 2.0 ms with the weight not in cache, and a 2048-row encoder
 ``(2048, 256) x (256, 1024)`` 6.0 ms against 9.8 ms: a decoding step went from ~10 to ~6 ms.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: ``.cache``: None outside a packed_weights block; inside, id(weight) -> (weight, data_ptr,
-#: version, packed weight). One per thread.
+#: version, packed weight or None before its second use). One per thread.
 _STATE = threading.local()
 
 
@@ -64,15 +64,21 @@ def _compiling() -> bool:
 
 
 def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """True when :func:`inference_linear` takes the packed path for these tensors."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (_AVAILABLE and getattr(_STATE, "cache", None) is not None
-            and torch.backends.mkldnn.enabled
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and weight.dim() == 2 and x.dim() >= 2 and weight.layout == torch.strided
-            and not _autocast_on()
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not _compiling())
+    """True when :func:`inference_linear` takes the packed path for these tensors.
+    (Plain ``if``s: this runs for every linear layer of every decoding step.)"""
+    if not _AVAILABLE or getattr(_STATE, "cache", None) is None:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    f32 = torch.float32
+    if x.dtype is not f32 or weight.dtype is not f32 or not (x.is_cpu and weight.is_cpu):
+        return False
+    if bias is not None and (bias.dtype is not f32 or not bias.is_cpu):
+        return False
+    return (weight.dim() == 2 and x.dim() >= 2 and weight.layout is torch.strided
+            and torch.backends.mkldnn.enabled and not _autocast_on()
+            and not torch.jit.is_tracing() and not _compiling())
 
 
 def _version(t: torch.Tensor) -> int:
@@ -96,17 +102,21 @@ def packed_weights() -> Iterator[None]:
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The oneDNN-packed copy of ``weight`` ``(out, in)`` in the current
-    :func:`packed_weights` block, made on first use."""
+    """The weight ``(out, in)`` to hand oneDNN in the current :func:`packed_weights` block:
+    on its first use the weight itself (oneDNN takes plain weights too, a little slower), from
+    its second use on its packed copy, made once. A weight used once per block (an encoder
+    layer's in one ``generate`` call) is so never copied; a decoder's is packed on step two."""
     cache = _STATE.cache
     key, ptr, version = id(weight), weight.data_ptr(), _version(weight)
     entry = cache.get(key)
-    if entry is not None and entry[0] is weight and entry[1] == ptr and entry[2] == version:
-        return entry[3]
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    cache[key] = (weight, ptr, version, packed)
-    return packed
+    if entry is None or entry[0] is not weight or entry[1] != ptr or entry[2] != version:
+        cache[key] = (weight, ptr, version, None)
+        return weight
+    if entry[3] is None:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        cache[key] = entry = (weight, ptr, version, packed)
+    return entry[3]
 
 
 def inference_linear(x: torch.Tensor, weight: torch.Tensor,

@@ -52,7 +52,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(self.wo, self.dropout(self.act(apply_linear(self.wi, x))))
+        h = self.act(apply_linear(self.wi, x))
+        return apply_linear(self.wo, self.dropout(h) if self.training else h)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -75,8 +76,8 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = apply_linear(self.wi_0, x), apply_linear(self.wi_1, x)
-        return apply_linear(self.wo, self.dropout(self.act(gate) * value))
+        h = self.act(apply_linear(self.wi_0, x)) * apply_linear(self.wi_1, x)
+        return apply_linear(self.wo, self.dropout(h) if self.training else h)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

@@ -43,6 +43,10 @@ class LayerCache:
     cross_attn: KVCache = field(default_factory=KVCache)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class _Residual(nn.Module):
     """Wraps one sublayer with its norm, dropout and residual, pre- or post-norm."""
 
@@ -53,9 +57,10 @@ class _Residual(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module,
                  sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        drop = self.dropout if self.training and self.dropout.p > 0 else _identity
         if self.pre:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            return x + drop(sublayer(norm(x)))
+        return norm(x + drop(sublayer(x)))
 
 
 class EncoderLayer(nn.Module):

@@ -24,9 +24,10 @@ def test_values_equal_f_linear(bias, shape):
     x = torch.randn(*shape)
     with torch.no_grad(), packed_weights():
         assert packable(x, w, b)
-        out = inference_linear(x, w, b)
-    assert out.shape == (*shape[:-1], 301) and out.dtype == torch.float32
-    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        plain, packed_out = inference_linear(x, w, b), inference_linear(x, w, b)
+    for out in (plain, packed_out):
+        assert out.shape == (*shape[:-1], 301) and out.dtype == torch.float32
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
@@ -35,9 +36,10 @@ def test_strided_input_and_fp64_reference():
     w, b = torch.randn(64, 96), torch.randn(64)
     x = torch.randn(96, 10).t()                       # (10, 96), not contiguous
     with torch.no_grad(), packed_weights():
-        out = inference_linear(x, w, b)
-    torch.testing.assert_close(out.double(), F.linear(x.double(), w.double(), b.double()),
-                               rtol=1e-5, atol=1e-5)
+        outs = [inference_linear(x, w, b) for _ in range(2)]
+    for out in outs:
+        torch.testing.assert_close(out.double(), F.linear(x.double(), w.double(), b.double()),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_with_autograd_it_is_f_linear_with_its_gradients():
@@ -76,15 +78,19 @@ def test_pack_is_rebuilt_when_the_weight_changes():
     lin = nn.Linear(16, 24)
     x = torch.randn(5, 16)
     with torch.no_grad(), packed_weights():
-        first = packed_weight(lin.weight)
+        assert packed_weight(lin.weight) is lin.weight               # first use: as it is
+        first = packed_weight(lin.weight)                            # second: packed
+        assert first is not lin.weight and first.layout != torch.strided
         with packed_weights():                                       # nested: same copies
             assert packed_weight(lin.weight) is first
         assert packed_weight(lin.weight) is first
         lin.weight.mul_(2.0)                                         # in place: new version
-        torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+        for _ in range(2):                                           # plain, then packed
+            torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
         assert packed_weight(lin.weight) is not first
         lin.weight.data = torch.randn(24, 16)                        # new storage, same tensor
-        torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            torch.testing.assert_close(apply_linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
     assert packed._STATE.cache is None                               # dropped with the block
 
 
@@ -96,10 +102,12 @@ def test_a_fused_optimizer_step_between_blocks_is_seen():
     x = torch.randn(5, 16)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)
     with torch.no_grad(), packed_weights():
-        before = apply_linear(lin, x)
+        apply_linear(lin, x)
+        before = apply_linear(lin, x)                                # the packed copy
     lin(x).pow(2).sum().backward()
     opt.step()
     with torch.no_grad(), packed_weights():
+        apply_linear(lin, x)
         after = apply_linear(lin, x)
         torch.testing.assert_close(after, lin(x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(before, after)
@@ -123,4 +131,5 @@ def test_other_modules_are_called():
 def test_inference_mode_weights():
     with torch.inference_mode(), packed_weights():
         w, x = torch.randn(7, 9), torch.randn(2, 9)
-        torch.testing.assert_close(inference_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            torch.testing.assert_close(inference_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
