@@ -52,12 +52,13 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """``(b, i, h·d)`` -> ``(b, h, i, d)`` (einops: ``"b i (h d) -> b h i d"``), a view."""
-    return t.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+    b, i = t.shape[0], t.shape[1]   # sizes read from t, so an exported graph keeps them dynamic
+    return t.reshape(b, i, n_heads, -1).transpose(1, 2)
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:
     """``(b, h, i, d)`` -> ``(b, i, h·d)`` (einops: ``"b h i d -> b i (h d)"``)."""
-    return t.transpose(1, 2).flatten(2)
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
 
 
 def _concatenated(projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:

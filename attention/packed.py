@@ -1,21 +1,23 @@
 """Inference-time linear layers with the weight pre-packed for oneDNN (CPU, fp32, no autograd).
 
     y = x Wᵀ + b        exactly what ``F.linear`` computes, summed in another order
+    y = act(x Wᵀ + b)   relu or GELU applied inside the GEMM (a feed-forward block's ``wi``)
 
 Why faster: PyTorch's CPU ``F.linear`` calls the BLAS library it was built with (MKL for the
 x86 wheels). oneDNN, which PyTorch also ships, can re-lay a weight once into the blocked
 format its GEMM kernels stream best (``torch.ops.mkldnn._reorder_linear_weight``; the same op
 ``torch.compile`` uses when it freezes weights). Without autograd the weights do not change
-from call to call, so the packed copy is made once (on a weight's second use) and reused. On the benchmark machine
-(``polytask bench decode``, docs/benchmarks.md) a packed ``(16, 256) x (256, 8000)`` LM head
-took 0.6 ms against MKL's 2.0 ms with the weight not in cache, and a 2048-row encoder
-``(2048, 256) x (256, 1024)`` 6.0 ms against 9.8 ms: a decoding step went from ~10 to ~6 ms.
+from call to call, so the packed copy is made once (on a weight's second use) and reused. On
+the benchmark machine (an AMD EPYC VM; docs/benchmarks.md) a packed ``(16, 256) x (256, 8000)``
+LM head took 0.6 ms against MKL's 2.0 ms with the weight not in cache, and a greedy-decoding
+step of the benchmark model went from ~10 to ~6 ms.
 
 When it applies (otherwise this is exactly ``F.linear``): inside a :func:`packed_weights` block
 (``core.generation.generate`` and ``sequence_log_probs`` open one), autograd off for this call
-(no grad mode, or nothing needs a gradient), CPU, fp32 input, weight and bias, a 2-d weight and
-an input of at least 2 dims, no autocast, not while tracing, scripting or compiling, and a
-PyTorch built with oneDNN (``torch.backends.mkldnn.is_available()`` and ``.enabled``).
+(no grad mode, or nothing needs a gradient), CPU, fp32 input, weight and bias, a 2-d weight of
+at least :data:`MIN_WEIGHT_NUMEL` entries and an input of at least 2 dims, no autocast, not
+while tracing, scripting or compiling, and a PyTorch built with oneDNN
+(``torch.backends.mkldnn.is_available()`` and ``.enabled``).
 Training steps therefore never take it.
 
 Why a block: a packed copy is only right while its weight is unchanged, and PyTorch's version
@@ -63,6 +65,13 @@ def _compiling() -> bool:
     return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
+#: smaller weights stay with ``F.linear``: a oneDNN call costs ~20 µs before any work against
+#: MKL's ~4 µs, which a weight that fits in cache does not earn back (measured on the benchmark
+#: machine: (128, 128) at 16 rows 13 vs 26 µs; (256, 256) 32 vs 29 µs; (1024, 256) 105 vs
+#: 72 µs; a d_model 64 model's generate 37 vs 52 ms with every linear through oneDNN).
+MIN_WEIGHT_NUMEL = 256 * 256
+
+
 def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """True when :func:`inference_linear` takes the packed path for these tensors.
     (Plain ``if``s: this runs for every linear layer of every decoding step.)"""
@@ -77,6 +86,7 @@ def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if bias is not None and (bias.dtype is not f32 or not bias.is_cpu):
         return False
     return (weight.dim() == 2 and x.dim() >= 2 and weight.layout is torch.strided
+            and weight.numel() >= MIN_WEIGHT_NUMEL
             and torch.backends.mkldnn.enabled and not _autocast_on()
             and not torch.jit.is_tracing() and not _compiling())
 
@@ -119,13 +129,29 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return entry[3]
 
 
-def inference_linear(x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; with a packed weight when :func:`packable` says so.
-    ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias`` ``(out,)`` -> ``(..., out)``."""
+#: activations oneDNN can apply inside the GEMM (its post-op, algorithm) and their torch twins
+ACTIVATIONS = {
+    "relu": (("relu", ""), F.relu),
+    "gelu": (("gelu", "none"), F.gelu),
+    "gelu_tanh": (("gelu", "tanh"), lambda x: F.gelu(x, approximate="tanh")),
+}
+
+
+def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     activation: str | None = None) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` with ``act`` one of :data:`ACTIVATIONS` or None
+    (identity); oneDNN with a packed weight, the activation fused into the GEMM, when
+    :func:`packable` says so. ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias``
+    ``(out,)`` -> ``(..., out)``."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of "
+                         f"{', '.join(ACTIVATIONS)} or None")
     if not packable(x, weight, bias):
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+        y = F.linear(x, weight, bias)
+        return y if activation is None else ACTIVATIONS[activation][1](y)
+    attr, algorithm = ("none", "") if activation is None else ACTIVATIONS[activation][0]
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, attr, [],
+                                              algorithm)
 
 
 def plain_linear(*projections: nn.Module) -> bool:
@@ -135,9 +161,11 @@ def plain_linear(*projections: nn.Module) -> bool:
                for m in projections)
 
 
-def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; for a :func:`plain_linear`, :func:`inference_linear` with its weight and
-    bias (a LoRA wrapper or any other module is simply called)."""
+def apply_linear(module: nn.Module, x: torch.Tensor, activation: str | None = None
+                 ) -> torch.Tensor:
+    """``act(module(x))``; for a :func:`plain_linear`, :func:`inference_linear` with its weight
+    and bias (a LoRA wrapper or any other module is simply called)."""
     if plain_linear(module):
-        return inference_linear(x, module.weight, module.bias)
-    return module(x)
+        return inference_linear(x, module.weight, module.bias, activation)
+    y = module(x)
+    return y if activation is None else ACTIVATIONS[activation][1](y)

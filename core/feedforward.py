@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.packed import apply_linear
+from attention.packed import ACTIVATIONS as FUSABLE, apply_linear
 from core.config import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -52,7 +52,10 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(apply_linear(self.wi, x))
+        if self.activation in FUSABLE:   # one GEMM with the activation inside when inferring
+            h = apply_linear(self.wi, x, self.activation)
+        else:
+            h = self.act(apply_linear(self.wi, x))
         return apply_linear(self.wo, self.dropout(h) if self.training else h)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from attention.packed import packed_weights
 from core.generation import generate
 from experiments.bench.flops import CLOCKS
 from experiments.bench.peers import SIZES, Size, build_all
@@ -54,7 +55,11 @@ def run(size: Size, lengths: list[int], *, repeats: int = 3, include_hf: bool = 
     src = torch.randint(4, size.vocab, (size.batch, size.length),
                         generator=torch.Generator().manual_seed(2))
     ours = models["polytask"]
-    encode_s, _ = _median_time(lambda: ours.encode(src), repeats)
+    def encode() -> torch.Tensor:
+        with packed_weights():   # as in generate (attention.packed)
+            return ours.encode(src)
+
+    encode_s, _ = _median_time(encode, repeats)
     calls: dict[str, Callable[[int], Callable[[], torch.Tensor]]] = {
         "polytask": lambda n: lambda: generate(ours, src, max_new_tokens=n, eos_id=-1),
     }

@@ -15,6 +15,21 @@ from attention.packed import (apply_linear, inference_linear, packable, packed_w
 needs_onednn = pytest.mark.skipif(not packed._AVAILABLE, reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _pack_small_weights(monkeypatch):
+    """The tests' small weights would stay with F.linear (MIN_WEIGHT_NUMEL); pack them."""
+    monkeypatch.setattr(packed, "MIN_WEIGHT_NUMEL", 0)
+
+
+@needs_onednn
+def test_small_weights_are_not_packed_by_default(monkeypatch):
+    monkeypatch.setattr(packed, "MIN_WEIGHT_NUMEL", 256 * 256)
+    x = torch.randn(4, 256)
+    with torch.no_grad(), packed_weights():
+        assert not packable(x, torch.randn(255, 256))
+        assert packable(x, torch.randn(256, 256))
+
+
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 5, 48), (2, 3, 4, 48), (0, 48)])
@@ -133,3 +148,43 @@ def test_inference_mode_weights():
         w, x = torch.randn(7, 9), torch.randn(2, 9)
         for _ in range(2):
             torch.testing.assert_close(inference_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_activation_inside_the_gemm_equals_linear_then_activation(activation):
+    torch.manual_seed(5)
+    lin = nn.Linear(32, 64)
+    x = torch.randn(3, 7, 32)
+    twin = packed.ACTIVATIONS[activation][1](lin(x))
+    with torch.no_grad(), packed_weights():
+        outs = [apply_linear(lin, x, activation) for _ in range(2)]      # plain, then packed
+    for out in outs:
+        torch.testing.assert_close(out, twin.detach(), rtol=1e-5, atol=1e-5)
+    # outside a block, and for a module that is not a plain Linear: linear, then activation
+    assert torch.equal(apply_linear(lin, x, activation), twin)
+    hooked = nn.Linear(32, 64)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert torch.equal(apply_linear(hooked, x, activation),
+                       packed.ACTIVATIONS[activation][1](hooked(x)))
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="unknown activation 'swish'.*relu, gelu, gelu_tanh"):
+        inference_linear(torch.randn(2, 3), torch.randn(4, 3), activation="swish")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+def test_feedforward_in_a_block_equals_the_feedforward(activation):
+    from core.config import ModelConfig
+    from core.feedforward import build_feedforward
+    torch.manual_seed(6)
+    ff = build_feedforward(ModelConfig(d_model=32, d_ff=64, n_heads=2, activation=activation,
+                                       vocab_size=50)).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = ff(x)
+        with packed_weights():
+            outs = [ff(x) for _ in range(2)]
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
