@@ -15,7 +15,7 @@ from torch import nn
 
 from attention.functional import scaled_dot_product_attention
 from attention.kv_cache import KVCache
-from attention.packed import apply_linear, inference_linear, plain_linear
+from attention.packed import apply_linear, linear, plain_linear
 
 
 def fused_linear(x: torch.Tensor, *projections: nn.Linear,
@@ -30,7 +30,7 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
     Without autograd (decoding, where that copy is as large as a step's GEMM) the concatenation
     is kept in ``cache`` and reused while every weight and bias is the same tensor, at the same
     address and version (any in-place update, e.g. an optimizer step, bumps the version);
-    the product then goes through :func:`attention.packed.inference_linear`.
+    the product then goes through :func:`attention.packed.linear`.
     """
     params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
@@ -46,7 +46,7 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
             cache.update(zip(("key", "params", "weight", "bias"),
                              (key, params, *_concatenated(projections))))
         weight, bias = cache["weight"], cache["bias"]
-    out = inference_linear(x, weight, bias)
+    out = linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
 
 

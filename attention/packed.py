@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +72,11 @@ def _compiling() -> bool:
 MIN_WEIGHT_NUMEL = 256 * 256
 
 
-def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """True when :func:`inference_linear` takes the packed path for these tensors.
+def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """CPU fp32 tensors, a 2-d weight of at least :data:`MIN_WEIGHT_NUMEL` entries, an input of
+    at least 2 dims, oneDNN built and enabled, no autocast, not tracing or compiling.
     (Plain ``if``s: this runs for every linear layer of every decoding step.)"""
-    if not _AVAILABLE or getattr(_STATE, "cache", None) is None:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if not _AVAILABLE:
         return False
     f32 = torch.float32
     if x.dtype is not f32 or weight.dtype is not f32 or not (x.is_cpu and weight.is_cpu):
@@ -91,6 +89,18 @@ def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
             and not torch.jit.is_tracing() and not _compiling())
 
 
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """True when :func:`linear` uses a packed copy of ``weight``: inside a
+    :func:`packed_weights` block, no autograd needed, and oneDNN can take the tensors."""
+    return (getattr(_STATE, "cache", None) is not None and not _needs_grad(x, weight, bias)
+            and _onednn_ok(x, weight, bias))
+
+
 def _version(t: torch.Tensor) -> int:
     # an inference tensor has no version counter; it cannot be changed outside inference mode
     return -1 if t.is_inference() else t._version
@@ -98,7 +108,7 @@ def _version(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def packed_weights() -> Iterator[None]:
-    """Within this block :func:`inference_linear` packs each weight once and reuses the copy;
+    """Within this block :func:`linear` packs each weight once and reuses the copy;
     all copies are dropped when the outermost block ends. Do not update weights in the block
     by anything that skips the version counter (e.g. a fused optimizer step)."""
     if getattr(_STATE, "cache", None) is not None:   # nested: the outer block's copies
@@ -137,21 +147,61 @@ ACTIVATIONS = {
 }
 
 
-def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str | None = None) -> torch.Tensor:
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` whose forward product runs in oneDNN (plain weight: it changes every
+    training step, so a packed copy would not be reused) and whose backward is ``F.linear``'s:
+    ``grad_x = g W``, ``grad_W = gᵀ x``, ``grad_b = Σ g`` with torch's matmul (oneDNN was not
+    faster there), so a ``create_graph`` backward is differentiable as usual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_w = rows.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` with ``act`` one of :data:`ACTIVATIONS` or None
-    (identity); oneDNN with a packed weight, the activation fused into the GEMM, when
-    :func:`packable` says so. ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias``
-    ``(out,)`` -> ``(..., out)``."""
+    (identity). ``x`` ``(..., in)``, ``weight`` ``(out, in)``, ``bias`` ``(out,)`` ->
+    ``(..., out)``. Where oneDNN can take the tensors: with autograd, the forward product in
+    oneDNN (:class:`_OneDNNLinear`); without, inside a :func:`packed_weights` block, a packed
+    weight with the activation fused into the GEMM, and outside one the plain weight.
+    Otherwise ``F.linear``."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of "
                          f"{', '.join(ACTIVATIONS)} or None")
-    if not packable(x, weight, bias):
-        y = F.linear(x, weight, bias)
-        return y if activation is None else ACTIVATIONS[activation][1](y)
-    attr, algorithm = ("none", "") if activation is None else ACTIVATIONS[activation][0]
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, attr, [],
-                                              algorithm)
+    if _onednn_ok(x, weight, bias):
+        if _needs_grad(x, weight, bias):
+            y = _OneDNNLinear.apply(x, weight, bias)
+            return y if activation is None else ACTIVATIONS[activation][1](y)
+        attr, algorithm = ("none", "") if activation is None else ACTIVATIONS[activation][0]
+        if getattr(_STATE, "cache", None) is not None:
+            weight = packed_weight(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+    y = F.linear(x, weight, bias)
+    return y if activation is None else ACTIVATIONS[activation][1](y)
+
+
+def reusable_linear(weight: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> F.linear(x, weight, bias)`` for many calls without autograd (the chunks of
+    :func:`losses.linear_ce.linear_cross_entropy`): with ``weight`` packed for oneDNN once,
+    here, when :func:`linear` would use oneDNN for such an input."""
+    probe = weight.new_empty((1, weight.shape[1]))
+    if not (_onednn_ok(probe, weight, bias) and not _needs_grad(probe, weight, bias)):
+        return lambda x: F.linear(x, weight, bias)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def plain_linear(*projections: nn.Module) -> bool:
@@ -163,9 +213,9 @@ def plain_linear(*projections: nn.Module) -> bool:
 
 def apply_linear(module: nn.Module, x: torch.Tensor, activation: str | None = None
                  ) -> torch.Tensor:
-    """``act(module(x))``; for a :func:`plain_linear`, :func:`inference_linear` with its weight
+    """``act(module(x))``; for a :func:`plain_linear`, :func:`linear` with its weight
     and bias (a LoRA wrapper or any other module is simply called)."""
     if plain_linear(module):
-        return inference_linear(x, module.weight, module.bias, activation)
+        return linear(x, module.weight, module.bias, activation)
     y = module(x)
     return y if activation is None else ACTIVATIONS[activation][1](y)

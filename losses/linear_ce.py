@@ -16,7 +16,9 @@ gradient of the loss w.r.t. the logits,
 which is immediately multiplied into the gradients of ``h`` (``dz W``), ``W`` (``dzᵀ h``) and
 ``b`` (``Σ dz``). Those are kept for backward, which only scales them by the incoming gradient.
 The matmul FLOPs are the same as the twin's (one forward and two backward GEMMs); what is saved
-is the memory traffic and the allocations. Rows whose target is ``ignore_index`` (padding) are
+is the memory traffic and the allocations. The chunks' forward GEMMs go through
+:func:`attention.packed.reusable_linear` (oneDNN, with ``W`` packed once per call: on the
+benchmark machine a ``(524, 256) x (256, 8000)`` chunk took 11 ms against MKL's 20 ms). Rows whose target is ``ignore_index`` (padding) are
 dropped before the GEMMs, which the twin cannot do.
 
 The same technique is used by Liger-Kernel's ``FusedLinearCrossEntropy`` and by Apple's
@@ -28,10 +30,10 @@ not a plain ``nn.Linear``, :class:`losses.GenerativeLoss` uses the twin instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attention.packed import reusable_linear
 from core.batch import IGNORE_INDEX
 
 #: rows per chunk are chosen so that one chunk of logits holds about this many elements (4 Mi
@@ -56,11 +58,12 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     grad_w = torch.zeros_like(weight) if need[1] else None
     grad_b = torch.zeros_like(bias) if (bias is not None and need[2]) else None
     any_grad = any(need)
+    head = reusable_linear(weight, bias)                            # packed once for oneDNN
     for start in range(0, n, chunk):
         h = hidden[start:start + chunk]
         y = target[start:start + chunk, None]                       # (c, 1)
         w = token_weight[start:start + chunk]                       # (c,)
-        z = F.linear(h, weight, bias)                               # (c, V)
+        z = head(h)                                                 # (c, V)
         # -log q(y) smoothed = lse - (1 - eps) z_y - eps * mean_c z_c   (PyTorch's convention)
         loss = -(1.0 - smoothing) * z.gather(1, y)[:, 0]
         if smoothing:

@@ -1,4 +1,4 @@
-"""``inference_linear`` (oneDNN with a pre-packed weight) agrees with ``F.linear``, its twin, and
+"""``linear`` (oneDNN with a pre-packed weight) agrees with ``F.linear``, its twin, and
 is taken only where it is safe: in a ``packed_weights`` block, no autograd, CPU fp32, no
 autocast; stale packs are never used."""
 import gc
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attention.packed as packed
-from attention.packed import (apply_linear, inference_linear, packable, packed_weight,
+from attention.packed import (apply_linear, linear, packable, packed_weight,
                               packed_weights)
 
 needs_onednn = pytest.mark.skipif(not packed._AVAILABLE, reason="PyTorch built without oneDNN")
@@ -39,7 +39,7 @@ def test_values_equal_f_linear(bias, shape):
     x = torch.randn(*shape)
     with torch.no_grad(), packed_weights():
         assert packable(x, w, b)
-        plain, packed_out = inference_linear(x, w, b), inference_linear(x, w, b)
+        plain, packed_out = linear(x, w, b), linear(x, w, b)
     for out in (plain, packed_out):
         assert out.shape == (*shape[:-1], 301) and out.dtype == torch.float32
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
@@ -51,40 +51,84 @@ def test_strided_input_and_fp64_reference():
     w, b = torch.randn(64, 96), torch.randn(64)
     x = torch.randn(96, 10).t()                       # (10, 96), not contiguous
     with torch.no_grad(), packed_weights():
-        outs = [inference_linear(x, w, b) for _ in range(2)]
+        outs = [linear(x, w, b) for _ in range(2)]
     for out in outs:
         torch.testing.assert_close(out.double(), F.linear(x.double(), w.double(), b.double()),
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_with_autograd_it_is_f_linear_with_its_gradients():
+def _twin_grads(fn, x, lin, weight):
+    out = fn(x)
+    (out * weight).sum().backward()
+    grads = [t.grad.clone() for t in (x, lin.weight, lin.bias)]
+    for t in (x, lin.weight, lin.bias):
+        t.grad = None
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("shape", [(4, 48), (2, 3, 48)])
+def test_with_autograd_values_and_gradients_equal_f_linear(shape):
+    """The training path: oneDNN forward, F.linear's backward."""
     torch.manual_seed(2)
-    lin = nn.Linear(8, 6)
-    x = torch.randn(4, 8, requires_grad=True)
-    with packed_weights():
-        assert not packable(x, lin.weight, lin.bias)
-        out = apply_linear(lin, x)
-    assert torch.equal(out, lin(x))
+    lin = nn.Linear(48, 64)
+    x = torch.randn(*shape, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 64)
+    assert not packable(x, lin.weight, lin.bias)            # nothing is packed for training
+    out, grads = _twin_grads(lambda t: apply_linear(lin, t), x, lin, upstream)
+    ref, ref_grads = _twin_grads(lin, x, lin, upstream)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    if packed._AVAILABLE:
+        assert type(apply_linear(lin, x).grad_fn).__name__ == "_OneDNNLinearBackward"
+
+
+def test_frozen_weight_and_create_graph():
+    """A frozen layer gives only the input gradient; a second-order gradient (create_graph)
+    flows through the backward like F.linear's."""
+    torch.manual_seed(3)
+    lin = nn.Linear(48, 64)
+    x = torch.randn(5, 48, requires_grad=True)
+    results = []
+    for fn in (lambda t: apply_linear(lin, t), lin):
+        (gx,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.pow(2).sum(), lin.weight)
+        results.append((gx.detach(), gw))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    lin.requires_grad_(False)
+    out = apply_linear(lin, x)
     out.sum().backward()
-    expect_w = torch.ones(4, 6).t() @ x.detach()
-    torch.testing.assert_close(lin.weight.grad, expect_w)
-    torch.testing.assert_close(x.grad, torch.ones(4, 6) @ lin.weight.detach())
+    assert lin.weight.grad is None
+    torch.testing.assert_close(x.grad, torch.ones(5, 64) @ lin.weight)
 
 
 def test_falls_back_where_it_must_not_apply():
     w, x = torch.randn(6, 8), torch.randn(3, 8)
     with torch.no_grad():
         assert not packable(x, w)                                # outside a block
-        assert torch.equal(inference_linear(x, w), F.linear(x, w))
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), packed_weights():
         assert not packable(x.double(), w.double())              # not fp32
         assert not packable(x[0], w)                             # 1-d input
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not packable(x, w)
-            assert inference_linear(x, w).dtype == torch.bfloat16  # autocast's F.linear
-        assert torch.equal(inference_linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+            assert linear(x, w).dtype == torch.bfloat16  # autocast's F.linear
+        assert torch.equal(linear(x.double(), w.double()), F.linear(x.double(), w.double()))
     with packed_weights():   # grad mode on but nothing needs a gradient: it may pack
         assert packable(x, w) == packed._AVAILABLE
+
+
+def test_reusable_linear_equals_f_linear():
+    torch.manual_seed(7)
+    w, b = torch.randn(300, 40), torch.randn(300)
+    head = packed.reusable_linear(w, b)
+    for rows in (1, 17):
+        x = torch.randn(rows, 40)
+        torch.testing.assert_close(head(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x64 = torch.randn(3, 40, dtype=torch.float64)                 # not oneDNN's: F.linear
+    head64 = packed.reusable_linear(w.double(), b.double())
+    assert torch.equal(head64(x64), F.linear(x64, w.double(), b.double()))
 
 
 @needs_onednn
@@ -147,7 +191,7 @@ def test_inference_mode_weights():
     with torch.inference_mode(), packed_weights():
         w, x = torch.randn(7, 9), torch.randn(2, 9)
         for _ in range(2):
-            torch.testing.assert_close(inference_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
@@ -171,7 +215,7 @@ def test_activation_inside_the_gemm_equals_linear_then_activation(activation):
 
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="unknown activation 'swish'.*relu, gelu, gelu_tanh"):
-        inference_linear(torch.randn(2, 3), torch.randn(4, 3), activation="swish")
+        linear(torch.randn(2, 3), torch.randn(4, 3), activation="swish")
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
