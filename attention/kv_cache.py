@@ -22,11 +22,11 @@ class KVCache:
 
     @property
     def k(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.length]
+        return None if self._k is None else self._k.narrow(2, 0, self.length)
 
     @property
     def v(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.length]
+        return None if self._v is None else self._v.narrow(2, 0, self.length)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``, ``v`` (new positions on dim 2); return all cached keys and values."""
@@ -48,8 +48,9 @@ class KVCache:
                 grown_k[:, :, : self.length] = self.k
                 grown_v[:, :, : self.length] = self.v
             self._k, self._v = grown_k, grown_v
-        self._k[:, :, self.length : self.length + new] = k
-        self._v[:, :, self.length : self.length + new] = v
+        # narrow + copy_: the same write as slice assignment, without its Python indexing cost
+        self._k.narrow(2, self.length, new).copy_(k)
+        self._v.narrow(2, self.length, new).copy_(v)
         self.length += new
         return self.k, self.v
 

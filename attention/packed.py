@@ -60,9 +60,11 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+#: resolved once: these run for every linear layer of every decoding step
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_onednn_enabled = getattr(torch._C, "_get_mkldnn_enabled",
+                          lambda: torch.backends.mkldnn.enabled)   # the flag behind it
+_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 
 
 #: smaller weights stay with ``F.linear``: a oneDNN call costs ~20 µs before any work against
@@ -85,8 +87,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         return False
     return (weight.dim() == 2 and x.dim() >= 2 and weight.layout is torch.strided
             and weight.numel() >= MIN_WEIGHT_NUMEL
-            and torch.backends.mkldnn.enabled and not _autocast_on()
-            and not torch.jit.is_tracing() and not _compiling())
+            and _onednn_enabled() and not _autocast_on() and not _tracing() and not _compiling())
 
 
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

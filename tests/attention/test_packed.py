@@ -115,6 +115,12 @@ def test_falls_back_where_it_must_not_apply():
             assert not packable(x, w)
             assert linear(x, w).dtype == torch.bfloat16  # autocast's F.linear
         assert torch.equal(linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+        torch.backends.mkldnn.enabled = False                     # the user's switch
+        try:
+            assert not packable(x, w)
+            assert torch.equal(linear(x, w), F.linear(x, w))
+        finally:
+            torch.backends.mkldnn.enabled = True
     with packed_weights():   # grad mode on but nothing needs a gradient: it may pack
         assert packable(x, w) == packed._AVAILABLE
 
