@@ -1,24 +1,30 @@
-"""Inference-time linear layers with the weight pre-packed for oneDNN (CPU, fp32, no autograd).
+"""Linear layers through oneDNN (CPU, fp32), with the weight pre-packed when inferring.
 
     y = x Wᵀ + b        exactly what ``F.linear`` computes, summed in another order
     y = act(x Wᵀ + b)   relu or GELU applied inside the GEMM (a feed-forward block's ``wi``)
 
 Why faster: PyTorch's CPU ``F.linear`` calls the BLAS library it was built with (MKL for the
-x86 wheels). oneDNN, which PyTorch also ships, can re-lay a weight once into the blocked
-format its GEMM kernels stream best (``torch.ops.mkldnn._reorder_linear_weight``; the same op
-``torch.compile`` uses when it freezes weights). Without autograd the weights do not change
-from call to call, so the packed copy is made once (on a weight's second use) and reused. On
-the benchmark machine (an AMD EPYC VM; docs/benchmarks.md) a packed ``(16, 256) x (256, 8000)``
-LM head took 0.6 ms against MKL's 2.0 ms with the weight not in cache, and a greedy-decoding
-step of the benchmark model went from ~10 to ~6 ms.
+x86 wheels). oneDNN, which PyTorch also ships, was faster at this project's shapes on the
+benchmark machine (an AMD EPYC VM; docs/benchmarks.md): a 2048² product at 200-226 against
+135-166 GFLOP/s. It can also re-lay a weight once into the blocked format its GEMM kernels
+stream best (``torch.ops.mkldnn._reorder_linear_weight``, the op ``torch.compile`` uses when
+it freezes weights); without autograd the weights do not change from call to call, so the
+packed copy is made once (on a weight's second use) and reused. A packed
+``(16, 256) x (256, 8000)`` LM head took 0.6 ms against MKL's 2.0 ms with the weight not in
+cache, and a greedy-decoding step of the benchmark model went from ~10 to ~6 ms.
 
-When it applies (otherwise this is exactly ``F.linear``): inside a :func:`packed_weights` block
-(``core.generation.generate`` and ``sequence_log_probs`` open one), autograd off for this call
-(no grad mode, or nothing needs a gradient), CPU, fp32 input, weight and bias, a 2-d weight of
-at least :data:`MIN_WEIGHT_NUMEL` entries and an input of at least 2 dims, no autocast, not
-while tracing, scripting or compiling, and a PyTorch built with oneDNN
-(``torch.backends.mkldnn.is_available()`` and ``.enabled``).
-Training steps therefore never take it.
+:func:`linear` (and :func:`apply_linear` for an ``nn.Linear``) takes oneDNN for CPU fp32
+tensors, a 2-d weight of at least :data:`MIN_WEIGHT_NUMEL` entries and an input of at least
+2 dims, with no autocast, not while tracing or compiling, and with PyTorch built with oneDNN
+(``torch.backends.mkldnn.is_available()`` and ``.enabled``); otherwise it is exactly
+``F.linear``. Then:
+
+* with autograd (training): :class:`_OneDNNLinear`, the forward product and the input
+  gradient in oneDNN with the plain weight, the weight gradient with torch's ``mm``;
+* without, inside a :func:`packed_weights` block (``core.generation.generate``,
+  ``beam_search`` and ``sequence_log_probs`` open one): the packed weight, the activation in
+  the GEMM;
+* without, outside a block: the plain weight, the activation in the GEMM.
 
 Why a block: a packed copy is only right while its weight is unchanged, and PyTorch's version
 counter, which in-place ops bump, is not bumped by every update: a ``fused=True`` optimizer
@@ -189,13 +195,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          f"{', '.join(ACTIVATIONS)} or None")
     if _onednn_ok(x, weight, bias):
         if _needs_grad(x, weight, bias):
-            y = _OneDNNLinear.apply(x, weight, bias)
-            return y if activation is None else ACTIVATIONS[activation][1](y)
+            return _activate(_OneDNNLinear.apply(x, weight, bias), activation)
         attr, algorithm = ("none", "") if activation is None else ACTIVATIONS[activation][0]
         if getattr(_STATE, "cache", None) is not None:
             weight = packed_weight(weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    y = F.linear(x, weight, bias)
+    return _activate(F.linear(x, weight, bias), activation)
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y if activation is None else ACTIVATIONS[activation][1](y)
 
 
@@ -224,5 +232,4 @@ def apply_linear(module: nn.Module, x: torch.Tensor, activation: str | None = No
     and bias (a LoRA wrapper or any other module is simply called)."""
     if plain_linear(module):
         return linear(x, module.weight, module.bias, activation)
-    y = module(x)
-    return y if activation is None else ACTIVATIONS[activation][1](y)
+    return _activate(module(x), activation)
