@@ -48,6 +48,10 @@ def test_train_benchmark_outputs(tmp_path, capsys):
         assert r["peak_bytes"] > 4 * r["params"]  # at least the fp32 weights themselves
     assert result["speed_ratio"] > 0 and result["fastest_peer"] == "torch"
     assert 0 < result["fraction_of_peak"] and result["peak_flops"] > 0
+    if result["onednn_peak_flops"] is not None:          # PyTorch built with oneDNN
+        assert len(result["onednn_peak_flops_per_round"]) == 1
+        assert result["fraction_of_onednn_peak"] == pytest.approx(
+            result["achieved_flops"] / result["onednn_peak_flops"])
     assert result["tokens_per_step"] == 2 * SIZES["toy"].batch * SIZES["toy"].length
     assert result["memory_ratio_vs_hf_t5"] is None  # hf_t5 was not run
 
