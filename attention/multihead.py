@@ -15,11 +15,10 @@ from torch import nn
 
 from attention.functional import scaled_dot_product_attention
 from attention.kv_cache import KVCache
-from attention.packed import apply_linear, linear, plain_linear
+from attention.packed import apply_linear, block_cached, linear, plain_linear
 
 
-def fused_linear(x: torch.Tensor, *projections: nn.Linear,
-                 cache: dict | None = None) -> list[torch.Tensor]:
+def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
     """``[p(x) for p in projections]`` computed as ONE matmul with the weights concatenated.
 
     Why faster: one GEMM of width ``sum(n_out)`` instead of several narrow ones reads ``x`` once,
@@ -27,25 +26,19 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear,
     GEMM, one bias reduction and no accumulation of the input gradients from separate branches.
     The weights are concatenated at call time (a copy of ``3·d²`` floats, small next to the
     ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
-    Without autograd (decoding, where that copy is as large as a step's GEMM) the concatenation
-    is kept in ``cache`` and reused while every weight and bias is the same tensor, at the same
-    address and version (any in-place update, e.g. an optimizer step, bumps the version);
-    the product then goes through :func:`attention.packed.linear`.
+    Without autograd inside a :func:`attention.packed.packed_weights` block (a ``generate``
+    call, where that copy is as large as a step's GEMM) the concatenation is made once per
+    block (:func:`attention.packed.block_cached`). The product goes through
+    :func:`attention.packed.linear`.
     """
-    params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
+    params = tuple(t for p in projections for t in (p.weight, p.bias) if t is not None)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     # an exported graph keeps the separate weights as its inputs: no cache while tracing
-    if cache is None or grad or torch.jit.is_tracing():
-        if cache:
-            cache.clear()   # a stale entry would pin old parameters in memory
+    if grad or torch.jit.is_tracing():
         weight, bias = _concatenated(projections)
     else:
-        key = [(t.data_ptr(), t._version) for t in params]
-        if not (cache.get("key") == key and all(a is b for a, b in zip(cache["params"], params))):
-            # the cache holds the params too, so their ids and addresses stay theirs
-            cache.update(zip(("key", "params", "weight", "bias"),
-                             (key, params, *_concatenated(projections))))
-        weight, bias = cache["weight"], cache["bias"]
+        weight, bias = block_cached(("fused", *map(id, params)), params,
+                                    lambda: _concatenated(projections))
     out = linear(x, weight, bias)
     return list(out.split([p.out_features for p in projections], dim=-1))
 
@@ -103,9 +96,6 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.out_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
-        # fused_linear's concatenated weights, reused across calls without autograd
-        self._fused_qkv: dict = {}
-        self._fused_kv: dict = {}
 
     #: use the fused q/k/v (self-attention) and k/v (cross-attention) projections when the
     #: projections are plain Linears; False forces the separate, obvious path (its twin).
@@ -119,7 +109,7 @@ class MultiHeadAttention(nn.Module):
         """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
         if not (self.fused and plain_linear(self.q_proj, self.k_proj, self.v_proj)):
             return (self._q(x), *self._kv(x))
-        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj, cache=self._fused_qkv)
+        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
         # heads of a split are strided views of the fused output: no copies.
         return (split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads),
                 split_heads(v, self.n_kv_heads))
@@ -127,7 +117,7 @@ class MultiHeadAttention(nn.Module):
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
         if self.fused and plain_linear(self.k_proj, self.v_proj):
-            k, v = fused_linear(c, self.k_proj, self.v_proj, cache=self._fused_kv)
+            k, v = fused_linear(c, self.k_proj, self.v_proj)
         else:
             k, v = apply_linear(self.k_proj, c), apply_linear(self.v_proj, c)
         return split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)

@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: ``.cache``: None outside a packed_weights block; inside, id(weight) -> (weight, data_ptr,
-#: version, packed weight or None before its second use). One per thread.
+#: ``.cache``: None outside a packed_weights block; inside, key -> (tensors, their addresses
+#: and versions, value) for :func:`_block_entry`. One per thread.
 _STATE = threading.local()
+T = TypeVar("T")
 
 
 def _ops_available() -> bool:
@@ -115,9 +116,10 @@ def _version(t: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def packed_weights() -> Iterator[None]:
-    """Within this block :func:`linear` packs each weight once and reuses the copy;
-    all copies are dropped when the outermost block ends. Do not update weights in the block
-    by anything that skips the version counter (e.g. a fused optimizer step)."""
+    """Within this block :func:`linear` packs each weight once and reuses the copy (and
+    :func:`block_cached` values, e.g. fused q/k/v weights, are reused); all are dropped when
+    the outermost block ends. Do not update weights in the block by anything that skips the
+    version counter (e.g. a fused optimizer step)."""
     if getattr(_STATE, "cache", None) is not None:   # nested: the outer block's copies
         yield
         return
@@ -128,22 +130,42 @@ def packed_weights() -> Iterator[None]:
         _STATE.cache = None
 
 
+def _block_entry(key: tuple, tensors: tuple[torch.Tensor, ...], make: Callable[[], T]
+                 ) -> tuple[T, bool]:
+    """The current block's value under ``key`` and whether it was just made: ``make()`` runs
+    again when any of ``tensors`` is another tensor, at another address or version than when
+    the value was made. Needs an open :func:`packed_weights` block."""
+    cache = _STATE.cache
+    stamp = tuple((t.data_ptr(), _version(t)) for t in tensors)
+    entry = cache.get(key)
+    if (entry is not None and entry[1] == stamp
+            and all(a is b for a, b in zip(entry[0], tensors))):
+        return entry[2], False
+    value = make()
+    cache[key] = (tensors, stamp, value)   # holding the tensors keeps their ids theirs
+    return value, True
+
+
+def block_cached(key: tuple, tensors: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
+    """``make()``, computed once per :func:`packed_weights` block while ``tensors`` are
+    unchanged (see :func:`_block_entry`); outside a block, every call."""
+    if getattr(_STATE, "cache", None) is None:
+        return make()
+    return _block_entry(key, tensors, make)[0]
+
+
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight ``(out, in)`` to hand oneDNN in the current :func:`packed_weights` block:
     on its first use the weight itself (oneDNN takes plain weights too, a little slower), from
     its second use on its packed copy, made once. A weight used once per block (an encoder
     layer's in one ``generate`` call) is so never copied; a decoder's is packed on step two."""
-    cache = _STATE.cache
-    key, ptr, version = id(weight), weight.data_ptr(), _version(weight)
-    entry = cache.get(key)
-    if entry is None or entry[0] is not weight or entry[1] != ptr or entry[2] != version:
-        cache[key] = (weight, ptr, version, None)
+    holder, first_use = _block_entry(("packed", id(weight)), (weight,), dict)
+    if first_use:
         return weight
-    if entry[3] is None:
+    if "packed" not in holder:
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        cache[key] = entry = (weight, ptr, version, packed)
-    return entry[3]
+            holder["packed"] = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    return holder["packed"]
 
 
 #: activations oneDNN can apply inside the GEMM (its post-op, algorithm) and their torch twins

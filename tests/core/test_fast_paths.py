@@ -102,22 +102,57 @@ def test_cached_sinusoidal_table_equals_computed_rows(dtype):
         pos(2, 39)
 
 
-def test_fused_weights_are_reused_without_autograd_and_refreshed_after_an_update():
+def _count_concatenations(monkeypatch) -> dict:
+    import attention.multihead as multihead
+    calls = {"n": 0}
+    real = multihead._concatenated
+
+    def counted(projections):
+        calls["n"] += 1
+        return real(projections)
+
+    monkeypatch.setattr(multihead, "_concatenated", counted)
+    return calls
+
+
+def test_fused_weights_are_reused_in_a_block_and_refreshed_after_an_update(monkeypatch):
+    from attention.packed import packed_weights
+    calls = _count_concatenations(monkeypatch)
     m = _mha(True)
     ref = _mha(False)
     x = torch.randn(2, 3, 12, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), packed_weights():
         torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
-        cached = m._fused_qkv["weight"]
         m(x)
-        assert m._fused_qkv["weight"] is cached          # second call: no new concatenation
+        assert calls["n"] == 1                            # second call: no new concatenation
         for mod in (m, ref):                              # an in-place update (optimizer step)
             mod.k_proj.weight.add_(0.5)
         torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
-        assert m._fused_qkv["weight"] is not cached
-    m.k_proj.weight = nn.Parameter(m.k_proj.weight.detach() * 2)   # a replaced parameter
-    ref.k_proj.weight = nn.Parameter(ref.k_proj.weight.detach() * 2)
-    with torch.no_grad():
+        assert calls["n"] == 2
+        m.k_proj.weight = nn.Parameter(m.k_proj.weight.detach() * 2)   # a replaced parameter
+        ref.k_proj.weight = nn.Parameter(ref.k_proj.weight.detach() * 2)
         torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=0)
-    out = m(x)                                            # with autograd: never cached
-    assert m._fused_qkv == {} and out.requires_grad
+        assert calls["n"] == 3
+    with torch.no_grad():                                 # outside a block: every call
+        m(x)
+        m(x)
+    assert calls["n"] == 5
+    out = m(x)                                            # with autograd: a fresh one
+    assert calls["n"] == 6 and out.requires_grad
+
+
+def test_fused_weights_do_not_outlive_a_block_across_a_fused_optimizer_step():
+    """A fused AdamW step does not bump the version counter; a concatenation kept across it
+    (as the earlier per-module cache did, made by an evaluation between backward and step)
+    would be stale."""
+    from attention.packed import packed_weights
+    m = _mha(True).float()
+    ref = _mha(False).float()
+    x = torch.randn(2, 3, 12)
+    opt = torch.optim.AdamW(list(m.parameters()) + list(ref.parameters()), lr=0.1, fused=True)
+    (m(x).pow(2).sum() + ref(x).pow(2).sum()).backward()
+    with torch.no_grad(), packed_weights():               # e.g. an evaluation before the step
+        m(x)
+    opt.step()
+    with torch.no_grad(), packed_weights():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
