@@ -84,16 +84,14 @@ MIN_WEIGHT_NUMEL = 256 * 256
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """CPU fp32 tensors, a 2-d weight of at least :data:`MIN_WEIGHT_NUMEL` entries, an input of
     at least 2 dims, oneDNN built and enabled, no autocast, not tracing or compiling.
-    (Plain ``if``s: this runs for every linear layer of every decoding step.)"""
-    if not _AVAILABLE:
-        return False
+    (Plain ``if``s, cheapest first: this runs for every linear layer of every decoding step.)"""
     f32 = torch.float32
-    if x.dtype is not f32 or weight.dtype is not f32 or not (x.is_cpu and weight.is_cpu):
+    if not (_AVAILABLE and x.dtype is f32 and weight.dtype is f32 and x.is_cpu and weight.is_cpu):
         return False
     if bias is not None and (bias.dtype is not f32 or not bias.is_cpu):
         return False
-    return (weight.dim() == 2 and x.dim() >= 2 and weight.layout is torch.strided
-            and weight.numel() >= MIN_WEIGHT_NUMEL
+    return (weight.numel() >= MIN_WEIGHT_NUMEL and weight.dim() == 2 and x.dim() >= 2
+            and weight.layout is torch.strided
             and _onednn_enabled() and not _autocast_on() and not _tracing() and not _compiling())
 
 
@@ -136,10 +134,10 @@ def _block_entry(key: tuple, tensors: tuple[torch.Tensor, ...], make: Callable[[
     again when any of ``tensors`` is another tensor, at another address or version than when
     the value was made. Needs an open :func:`packed_weights` block."""
     cache = _STATE.cache
-    stamp = tuple((t.data_ptr(), _version(t)) for t in tensors)
+    stamp = [(t.data_ptr(), _version(t)) for t in tensors]
     entry = cache.get(key)
     if (entry is not None and entry[1] == stamp
-            and all(a is b for a, b in zip(entry[0], tensors))):
+            and all([a is b for a, b in zip(entry[0], tensors)])):
         return entry[2], False
     value = make()
     cache[key] = (tensors, stamp, value)   # holding the tensors keeps their ids theirs
@@ -174,6 +172,12 @@ ACTIVATIONS = {
     "gelu": (("gelu", "none"), F.gelu),
     "gelu_tanh": (("gelu", "tanh"), lambda x: F.gelu(x, approximate="tanh")),
 }
+
+
+#: oneDNN's (post-op, algorithm) per activation, None included
+_POST_OP = {None: ("none", ""), **{name: ops for name, (ops, _) in ACTIVATIONS.items()}}
+#: the op's overload, resolved once (calling the overload packet costs ~5 µs more per call)
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise.default if _AVAILABLE else None
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -218,10 +222,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _onednn_ok(x, weight, bias):
         if _needs_grad(x, weight, bias):
             return _activate(_OneDNNLinear.apply(x, weight, bias), activation)
-        attr, algorithm = ("none", "") if activation is None else ACTIVATIONS[activation][0]
+        attr, algorithm = _POST_OP[activation]
         if getattr(_STATE, "cache", None) is not None:
             weight = packed_weight(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+        return _linear_pointwise(x, weight, bias, attr, [], algorithm)
     return _activate(F.linear(x, weight, bias), activation)
 
 
@@ -229,16 +233,22 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y if activation is None else ACTIVATIONS[activation][1](y)
 
 
-def reusable_linear(weight: torch.Tensor, bias: torch.Tensor | None = None
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> F.linear(x, weight, bias)`` for many calls without autograd (the chunks of
-    :func:`losses.linear_ce.linear_cross_entropy`): with ``weight`` packed for oneDNN once,
-    here, when :func:`linear` would use oneDNN for such an input."""
+def reusable_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    activation: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> act(F.linear(x, weight, bias))`` (``act`` as in :func:`linear`) for many calls
+    without autograd while the weight does not change (the chunks of
+    :func:`losses.linear_ce.linear_cross_entropy`, a :class:`core.decoding_step.DecodingStep`):
+    with ``weight`` packed for oneDNN once, here, when :func:`linear` would use oneDNN for an
+    input of the weight's dtype and device."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of "
+                         f"{', '.join(ACTIVATIONS)} or None")
     probe = weight.new_empty((1, weight.shape[1]))
     if not (_onednn_ok(probe, weight, bias) and not _needs_grad(probe, weight, bias)):
-        return lambda x: F.linear(x, weight, bias)
+        return lambda x: _activate(F.linear(x, weight, bias), activation)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    attr, algorithm = _POST_OP[activation]
+    return lambda x: _linear_pointwise(x, packed, bias, attr, [], algorithm)
 
 
 def plain_linear(*projections: nn.Module) -> bool:

@@ -1,0 +1,160 @@
+"""One cached decoding step of an :class:`core.transformer.EncoderDecoder`, with little Python.
+
+After the first step of ``generate`` or ``beam_search`` every step feeds one new token per row
+to a decoder whose caches hold everything else. Through the modules (``model.decode`` ->
+``Decoder`` -> ``DecoderLayer`` -> ``MultiHeadAttention`` -> ``attention.packed.linear``) such
+a step of the benchmark model makes ~1,400 Python calls around its ~60 tensor operations; with
+the operations at 10-100 µs each that Python is a fifth of the step. Measured on the benchmark
+machine (docs/benchmarks.md), 32 and 256 greedy tokens at the target size: a loop calling the
+same kernels directly took 0.22 s and 1.83 s where ``generate`` took 0.27 s and 2.20 s.
+
+:class:`DecodingStep` computes the same step with the weights resolved once per decoding call:
+concatenated q/k/v weights, each weight packed for oneDNN
+(:func:`attention.packed.reusable_linear`), the feed-forward activation inside its GEMM. It
+reads the layers' own modules for everything else (norms, embeddings, positions, LM head), and
+calls a sublayer's module wherever a fast form is not obvious (a gated feed-forward, an
+attention whose projections are not plain ``nn.Linear``), so it covers every configuration. It
+is only built for a model in eval mode, without autograd, with no forward hooks anywhere in the
+model (which the step would not run), and it only takes steps in which every cached key is real
+(``DecoderState`` passes all-True target masks, so that holds there).
+
+The module path is its twin: tests/core/test_decoding_step.py checks that both give the same
+logits and tokens (greedy, sampling, beam search; pre- and post-norm, T5-style relative bias,
+RoPE, grouped-query heads, gated feed-forward, padded sources, LoRA-wrapped projections).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.functional import scaled_dot_product_attention
+from attention.multihead import MultiHeadAttention, merge_heads, split_heads
+from attention.packed import ACTIVATIONS, plain_linear, reusable_linear
+from core.feedforward import FeedForward
+from core.layers import DecoderLayer, LayerCache
+from core.transformer import DecoderCache, EncoderDecoder
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _hooked(model: nn.Module) -> bool:
+    """True when any module of ``model`` (or the global registry) has a forward hook."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _attend(attn: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """The attention's own ``scaled_dot_product_attention`` call for one query per row. Without
+    mask and bias, with a key per query head and the sdpa backend, that function only calls
+    ``F.scaled_dot_product_attention``; so does this, directly."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if attn.scale is None else attn.scale
+    if (mask is None and bias is None and attn.backend in ("auto", "sdpa") and not q.is_cuda
+            and q.shape[1] == k.shape[1]):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return scaled_dot_product_attention(q, k, v, mask, scale=scale, backend=attn.backend,
+                                        bias=bias)
+
+
+class _LayerStep:
+    """One :class:`core.layers.DecoderLayer` for one new token per row (see the module doc)."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        self.layer, self.pre = layer, layer.residual.pre
+        sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+        self.qkv: Linear | None = None
+        if type(sa) is MultiHeadAttention and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
+            projections = (sa.q_proj, sa.k_proj, sa.v_proj)
+            bias = None if sa.q_proj.bias is None else torch.cat([p.bias for p in projections])
+            self.qkv = reusable_linear(torch.cat([p.weight for p in projections]), bias)
+            self.qkv_sizes = [p.out_features for p in projections]
+            self.self_out = reusable_linear(sa.out_proj.weight, sa.out_proj.bias)
+        self.cross_q: Linear | None = None
+        if type(ca) is MultiHeadAttention and plain_linear(ca.q_proj, ca.out_proj):
+            self.cross_q = reusable_linear(ca.q_proj.weight, ca.q_proj.bias)
+            self.cross_out = reusable_linear(ca.out_proj.weight, ca.out_proj.bias)
+        self.ffn_in: Linear | None = None
+        if type(ffn) is FeedForward and ffn.activation in ACTIVATIONS and plain_linear(ffn.wi, ffn.wo):
+            self.ffn_in = reusable_linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
+            self.ffn_out = reusable_linear(ffn.wo.weight, ffn.wo.bias)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module,
+                  sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``core.layers._Residual`` in eval mode (no dropout)."""
+        return x + sublayer(norm(x)) if self.pre else norm(x + sublayer(x))
+
+    def __call__(self, x: torch.Tensor, memory: torch.Tensor, cache: LayerCache,
+                 cross_mask: torch.Tensor | None, bias: torch.Tensor | None,
+                 rope: Callable | None, offset: int) -> torch.Tensor:
+        layer = self.layer
+        x = self._residual(x, layer.self_attn_norm,
+                           lambda h: self._self_attention(h, cache, bias, rope, offset))
+        x = self._residual(x, layer.cross_attn_norm,
+                           lambda h: self._cross_attention(h, memory, cache, cross_mask))
+        return self._residual(x, layer.ffn_norm, self._ffn)
+
+    def _self_attention(self, h, cache, bias, rope, offset) -> torch.Tensor:
+        sa = self.layer.self_attn
+        if self.qkv is None:
+            return sa(h, causal=True, cache=cache.self_attn, position_bias=bias, rope=rope)
+        q, k, v = self.qkv(h).split(self.qkv_sizes, dim=-1)
+        q, k, v = (split_heads(q, sa.n_heads), split_heads(k, sa.n_kv_heads),
+                   split_heads(v, sa.n_kv_heads))
+        if rope is not None:
+            q, k = rope(q, offset), rope(k, offset)
+        k, v = cache.self_attn.update(k, v)
+        return self.self_out(merge_heads(_attend(sa, q, k, v, None, bias)))
+
+    def _cross_attention(self, h, memory, cache, mask) -> torch.Tensor:
+        ca = self.layer.cross_attn
+        if self.cross_q is None:
+            return ca(h, context=memory, mask=mask, cache=cache.cross_attn)
+        q = split_heads(self.cross_q(h), ca.n_heads)
+        out = _attend(ca, q, cache.cross_attn.k, cache.cross_attn.v, mask, None)
+        return self.cross_out(merge_heads(out))
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        if self.ffn_in is None:
+            return self.layer.ffn(h)
+        return self.ffn_out(self.ffn_in(h))
+
+
+class DecodingStep:
+    """``step(tokens, memory, cache, cross_mask) -> logits (b, V)`` for ``tokens`` ``(b, 1)``,
+    a :class:`core.transformer.DecoderCache` that is already filled (``length > 0``, cross
+    caches set, every cached key real) and ``cross_mask`` ``(b, 1, 1, s)`` or None when every
+    source position is real; appends to the cache like ``model.decode``. Build it with
+    :meth:`build` inside the decoding call: it copies and packs the decoder's weights, so it is
+    only right while they do not change."""
+
+    def __init__(self, model: EncoderDecoder) -> None:
+        self.model = model
+        self.layers = [_LayerStep(layer) for layer in model.decoder.layers]
+
+    @classmethod
+    def build(cls, model: object) -> "DecodingStep | None":
+        """A step for ``model``, or None when the module path must run: not an
+        ``EncoderDecoder`` of plain decoder layers, a module in training mode, autograd on, or a
+        forward hook somewhere."""
+        if (not isinstance(model, EncoderDecoder) or torch.is_grad_enabled()
+                or any(m.training for m in model.modules()) or _hooked(model)
+                or not all(type(layer) is DecoderLayer for layer in model.decoder.layers)):
+            return None
+        return cls(model)
+
+    def __call__(self, tokens: torch.Tensor, memory: torch.Tensor, cache: DecoderCache,
+                 cross_mask: torch.Tensor | None) -> torch.Tensor:
+        model, decoder = self.model, self.model.decoder
+        offset = cache.length
+        x = decoder.embed(model.embed(tokens), offset)
+        bias, rope = decoder._bias_and_rope(1, offset + 1)
+        for step, layer_cache in zip(self.layers, cache.layers):
+            x = step(x, memory, layer_cache, cross_mask, bias, rope, offset)
+        cache.key_mask = torch.cat([cache.key_mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
+        return model.logits(decoder.norm(x))[:, -1].float()

@@ -1,0 +1,136 @@
+"""core.decoding_step.DecodingStep against its twin, the module path (``model.decode``): same
+logits step by step, same tokens from greedy, sampling and beam search, across the model
+configurations; declined where the module path must run."""
+import copy
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.decoding_step import DecodingStep
+from core.generation import DecoderState, generate, start_decoding
+from core.peft import apply_peft
+from core.transformer import EncoderDecoder
+
+PAD, BOS, EOS = 0, 2, 3
+
+CONFIGS = {
+    "default": {},
+    "post_norm": dict(norm_position="post", positions="sinusoidal", activation="relu"),
+    "t5": dict(norm="rmsnorm", positions="relative", activation="relu", bias=False,
+               scale_attention=False, rescale_tied_output=True),
+    "rope_gqa": dict(positions="rope", n_kv_heads=1, activation="gelu_tanh"),
+    "gated_bart": dict(activation="swiglu", embedding_norm=True, position_offset=2,
+                       scale_embeddings=True, lm_head_bias=True, tie_embeddings=False),
+}
+
+
+def model_of(d_model: int = 32, seed: int = 0, **overrides) -> EncoderDecoder:
+    torch.manual_seed(seed)
+    options = dict(vocab_size=40, d_model=d_model, n_heads=2, n_encoder_layers=1,
+                   n_decoder_layers=2, d_ff=2 * d_model, dropout=0.0, init_std=0.3,
+                   max_length=64, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    return EncoderDecoder(ModelConfig(**{**options, **overrides})).eval()
+
+
+def sources(vocab: int = 40) -> torch.Tensor:
+    src = torch.randint(4, vocab, (4, 9), generator=torch.Generator().manual_seed(1))
+    src[1, 5:] = PAD   # padded rows: the cross-attention mask
+    src[3, 2:] = PAD
+    return src
+
+
+def step_logits(model: EncoderDecoder, src: torch.Tensor, steps: int, fast: bool) -> torch.Tensor:
+    """Logits of ``steps`` greedy steps, ``(steps, b, V)``, via DecodingStep or model.decode."""
+    with torch.no_grad():
+        state = start_decoding(model, src, None, PAD, use_cache=True)
+        state._step = None if fast else False
+        tokens = torch.full((src.shape[0], 1), BOS)
+        out = []
+        for _ in range(steps):
+            logits = state.next_token_logits(tokens)
+            out.append(logits)
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+        assert (state._step is not False) == fast   # the step was (not) taken
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_step_logits_equal_module_path(name):
+    model = model_of(**CONFIGS[name])
+    fast, slow = (step_logits(model, sources(), 6, fast) for fast in (True, False))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["default", "t5"])
+def test_step_logits_equal_with_packed_onednn_weights(name):
+    """d_model 256: the projections go through oneDNN with packed weights (attention.packed)."""
+    model = model_of(d_model=256, **CONFIGS[name])
+    fast, slow = (step_logits(model, sources(), 4, fast) for fast in (True, False))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def generate_both(model, **kwargs):
+    """generate's tokens with and without DecodingStep (sampling: the same generator seed)."""
+    out = []
+    for fast in (True, False):
+        DecoderState.decoding_step = fast
+        try:
+            if kwargs.get("method") == "sample":
+                kwargs["generator"] = torch.Generator().manual_seed(3)
+            out.append(generate(model, sources(), max_new_tokens=8, eos_id=EOS, **kwargs))
+        finally:
+            DecoderState.decoding_step = True
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="greedy"),
+    dict(method="beam", num_beams=3),
+    dict(method="sample", top_k=5),
+], ids=["greedy", "beam", "sample"])
+def test_generate_same_tokens(kwargs):
+    fast, slow = generate_both(model_of(**CONFIGS["t5"]), **kwargs)
+    assert torch.equal(fast, slow)
+    assert fast.shape[1] > 1
+
+
+def test_lora_wrapped_projections_use_their_modules():
+    """LoRA's q/v wrappers are not plain Linears: the step calls the attention module there."""
+    model = model_of()
+    apply_peft(model, "lora", r=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)   # zero-initialised B would hide a skipped adapter
+    model.eval()
+    fast, slow = (step_logits(model, sources(), 5, fast) for fast in (True, False))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert not torch.allclose(step_logits(plain, sources(), 5, True), fast)
+
+
+def test_declined_where_the_module_path_must_run():
+    model = model_of()
+    with torch.no_grad():
+        assert isinstance(DecodingStep.build(model), DecodingStep)
+        model.decoder.layers[0].ffn.train()
+        assert DecodingStep.build(model) is None          # a module in training mode
+        model.eval()
+        handle = model.decoder.layers[1].cross_attn.register_forward_hook(lambda *a: None)
+        assert DecodingStep.build(model) is None          # a hook the step would skip
+        handle.remove()
+        assert DecodingStep.build(object()) is None       # not an EncoderDecoder
+    assert DecodingStep.build(model) is None              # autograd on
+
+
+def test_hooks_still_fire_during_generate():
+    model = model_of()
+    calls = []
+    model.decoder.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    generate(model, sources(), max_new_tokens=5, eos_id=-1)
+    assert len(calls) == 5   # every step through the module, none skipped
