@@ -31,16 +31,19 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]
     block (:func:`attention.packed.block_cached`). The product goes through
     :func:`attention.packed.linear`.
     """
-    params = tuple(t for p in projections for t in (p.weight, p.bias) if t is not None)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    # an exported graph keeps the separate weights as its inputs: no cache while tracing
-    if grad or torch.jit.is_tracing():
-        weight, bias = _concatenated(projections)
-    else:
-        weight, bias = block_cached(("fused", *map(id, params)), params,
-                                    lambda: _concatenated(projections))
-    out = linear(x, weight, bias)
+    out = linear(x, *fused_weights(*projections))
     return list(out.split([p.out_features for p in projections], dim=-1))
+
+
+def fused_weights(*projections: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projections' weights and biases concatenated along the output features (biases
+    None when the projections have none): made on every call with autograd or while tracing
+    (an exported graph keeps the separate weights as its inputs), otherwise once per
+    :func:`attention.packed.packed_weights` block (:func:`attention.packed.block_cached`)."""
+    params = tuple(t for p in projections for t in (p.weight, p.bias) if t is not None)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in params)) or torch.jit.is_tracing():
+        return _concatenated(projections)
+    return block_cached(("fused", *map(id, params)), params, lambda: _concatenated(projections))
 
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.functional import scaled_dot_product_attention
-from attention.multihead import MultiHeadAttention, merge_heads, split_heads
+from attention.multihead import MultiHeadAttention, fused_weights, merge_heads, split_heads
 from attention.packed import ACTIVATIONS, plain_linear, reusable_linear
 from core.feedforward import FeedForward
 from core.layers import DecoderLayer, LayerCache
@@ -71,8 +71,7 @@ class _LayerStep:
         self.qkv: Linear | None = None
         if type(sa) is MultiHeadAttention and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
             projections = (sa.q_proj, sa.k_proj, sa.v_proj)
-            bias = None if sa.q_proj.bias is None else torch.cat([p.bias for p in projections])
-            self.qkv = reusable_linear(torch.cat([p.weight for p in projections]), bias)
+            self.qkv = reusable_linear(*fused_weights(*projections))
             self.qkv_sizes = [p.out_features for p in projections]
             self.self_out = reusable_linear(sa.out_proj.weight, sa.out_proj.bias)
         self.cross_q: Linear | None = None
