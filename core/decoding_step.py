@@ -1,7 +1,7 @@
 """One cached decoding step of an :class:`core.transformer.EncoderDecoder`, with little Python.
 
-After the first step of ``generate`` or ``beam_search`` every step feeds one new token per row
-to a decoder whose caches hold everything else. Through the modules (``model.decode`` ->
+Every step of ``generate`` or ``beam_search`` with a KV cache feeds one new token per row to
+a decoder whose caches hold everything before it. Through the modules (``model.decode`` ->
 ``Decoder`` -> ``DecoderLayer`` -> ``MultiHeadAttention`` -> ``attention.packed.linear``) such
 a step of the benchmark model makes ~1,400 Python calls around its ~60 tensor operations; with
 the operations at 10-100 µs each that Python is a fifth of the step. Measured on the benchmark
@@ -114,6 +114,8 @@ class _LayerStep:
         ca = self.layer.cross_attn
         if self.cross_q is None:
             return ca(h, context=memory, mask=mask, cache=cache.cross_attn)
+        if not cache.cross_attn.is_set:   # the first step: keys and values of the memory
+            cache.cross_attn.set_static(*ca._kv(memory))
         q = split_heads(self.cross_q(h), ca.n_heads)
         out = _attend(ca, q, cache.cross_attn.k, cache.cross_attn.v, mask, None)
         return self.cross_out(merge_heads(out))
@@ -126,9 +128,9 @@ class _LayerStep:
 
 class DecodingStep:
     """``step(tokens, memory, cache, cross_mask) -> logits (b, V)`` for ``tokens`` ``(b, 1)``,
-    a :class:`core.transformer.DecoderCache` that is already filled (``length > 0``, cross
-    caches set, every cached key real) and ``cross_mask`` ``(b, 1, 1, s)`` or None when every
-    source position is real; appends to the cache like ``model.decode``. Build it with
+    a :class:`core.transformer.DecoderCache` of this model (new, or filled with every cached
+    key real) and ``cross_mask`` ``(b, 1, 1, s)`` or None when every source position is real;
+    fills the cache like ``model.decode``. Build it with
     :meth:`build` inside the decoding call: it copies and packs the decoder's weights, so it is
     only right while they do not change."""
 
@@ -155,5 +157,6 @@ class DecodingStep:
         bias, rope = decoder._bias_and_rope(1, offset + 1)
         for step, layer_cache in zip(self.layers, cache.layers):
             x = step(x, memory, layer_cache, cross_mask, bias, rope, offset)
-        cache.key_mask = torch.cat([cache.key_mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
+        real = torch.ones_like(tokens, dtype=torch.bool)
+        cache.key_mask = real if cache.key_mask is None else torch.cat([cache.key_mask, real], 1)
         return model.logits(decoder.norm(x))[:, -1].float()

@@ -60,7 +60,7 @@ class DecoderState:
         """
         if self.cache is not None:
             new = tokens[:, self.cache.length:]  # (b, 1) on every step but a fresh cache's
-            if new.shape[1] == 1 and self.cache.length and self._step is not False:
+            if new.shape[1] == 1 and self._step is not False:
                 step = self._fast_step()
                 if step is not None:
                     return step(new, self.memory, self.cache, self._cross_mask_of_step())
@@ -72,9 +72,9 @@ class DecoderState:
         return self.model.logits(hidden[:, -1:])[:, -1].float()  # (b, V)
 
     def _fast_step(self) -> Any:
-        """The :class:`core.decoding_step.DecodingStep` of this run, built on the first cached
-        step (inside ``generate``'s packed-weights block), or None (then ``False``) when the
-        model needs the module path."""
+        """The :class:`core.decoding_step.DecodingStep` of this run, built on its first step
+        (inside ``generate``'s packed-weights block), or None (then ``False``) when the model
+        needs the module path."""
         if self._step is None:
             from core.decoding_step import DecodingStep   # it imports core.transformer
             self._step = DecodingStep.build(self.model) or False

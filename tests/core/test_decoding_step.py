@@ -134,3 +134,17 @@ def test_hooks_still_fire_during_generate():
     model.decoder.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
     generate(model, sources(), max_new_tokens=5, eos_id=-1)
     assert len(calls) == 5   # every step through the module, none skipped
+
+
+def test_source_row_without_real_tokens():
+    """An all-padding source row: its cross-attention returns zeros on both paths."""
+    model = model_of(**CONFIGS["default"])
+    src = sources()
+    src[2] = PAD
+    with torch.no_grad():
+        out = []
+        for fast in (True, False):
+            state = start_decoding(model, src, None, PAD, use_cache=True)
+            state._step = None if fast else False
+            out.append(state.next_token_logits(torch.full((4, 1), BOS)))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
