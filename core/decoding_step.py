@@ -69,7 +69,8 @@ class _LayerStep:
         self.layer, self.pre = layer, layer.residual.pre
         sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
         self.qkv: Linear | None = None
-        if type(sa) is MultiHeadAttention and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
+        if (type(sa) is MultiHeadAttention and sa.fused   # else the module's separate q, k, v
+                and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj)):
             projections = (sa.q_proj, sa.k_proj, sa.v_proj)
             self.qkv = reusable_linear(*fused_weights(*projections))
             self.qkv_sizes = [p.out_features for p in projections]

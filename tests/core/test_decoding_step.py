@@ -148,3 +148,14 @@ def test_source_row_without_real_tokens():
             state._step = None if fast else False
             out.append(state.next_token_logits(torch.full((4, 1), BOS)))
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_unfused_attention_keeps_its_separate_projections():
+    """``MultiHeadAttention.fused = False`` (the separate q/k/v twin) is honoured by the step."""
+    model = model_of()
+    for layer in model.decoder.layers:
+        layer.self_attn.fused = False
+    with torch.no_grad():
+        assert DecodingStep.build(model).layers[0].qkv is None
+    fast, slow = (step_logits(model, sources(), 4, fast) for fast in (True, False))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
