@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from attention.packed import packed_weights
+from core.decoding_step import DecodingStep
+from core.transformer import drop_full_mask
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -48,8 +50,9 @@ class DecoderState:
         self.memory = memory
         self.src_mask = src_mask
         self.cache = model.new_cache() if use_cache else None
-        self._step: Any = None if use_cache and self.decoding_step else False  # built lazily
-        self._cross_mask: torch.Tensor | None | bool = False   # False: not computed yet
+        #: the run's DecodingStep (built inside ``generate``'s packed-weights block), or None
+        #: when the model needs the module path
+        self.step = DecodingStep.build(model) if use_cache and self.decoding_step else None
 
     def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, V)`` for the token after ``tokens`` ``(b, t)`` (which start with bos).
@@ -60,10 +63,9 @@ class DecoderState:
         """
         if self.cache is not None:
             new = tokens[:, self.cache.length:]  # (b, 1) on every step but a fresh cache's
-            if new.shape[1] == 1 and self._step is not False:
-                step = self._fast_step()
-                if step is not None:
-                    return step(new, self.memory, self.cache, self._cross_mask_of_step())
+            if new.shape[1] == 1 and self.step is not None:
+                return self.step(new, self.memory, self.cache,
+                                 drop_full_mask(self.src_mask[:, None, None, :]))
         else:
             new = tokens
         tgt_mask = torch.ones_like(new, dtype=torch.bool)
@@ -71,27 +73,10 @@ class DecoderState:
                                    cache=self.cache)
         return self.model.logits(hidden[:, -1:])[:, -1].float()  # (b, V)
 
-    def _fast_step(self) -> Any:
-        """The :class:`core.decoding_step.DecodingStep` of this run, built on its first step
-        (inside ``generate``'s packed-weights block), or None (then ``False``) when the model
-        needs the module path."""
-        if self._step is None:
-            from core.decoding_step import DecodingStep   # it imports core.transformer
-            self._step = DecodingStep.build(self.model) or False
-        return self._step or None
-
-    def _cross_mask_of_step(self) -> torch.Tensor | None:
-        """``src_mask`` as the decoder's cross-attention mask ``(b, 1, 1, s)``, None when every
-        source position is real (as ``Decoder.forward`` does); computed once per row order."""
-        if self._cross_mask is False:
-            self._cross_mask = None if bool(self.src_mask.all()) else self.src_mask[:, None, None, :]
-        return self._cross_mask
-
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` ``(b',)`` (beam search: the parents of the surviving beams)."""
         self.memory = self.memory.index_select(0, index)
         self.src_mask = self.src_mask.index_select(0, index)
-        self._cross_mask = False
         if self.cache is not None:
             self.cache.reorder(index)
 

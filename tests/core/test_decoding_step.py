@@ -43,15 +43,18 @@ def sources(vocab: int = 40) -> torch.Tensor:
 def step_logits(model: EncoderDecoder, src: torch.Tensor, steps: int, fast: bool) -> torch.Tensor:
     """Logits of ``steps`` greedy steps, ``(steps, b, V)``, via DecodingStep or model.decode."""
     with torch.no_grad():
-        state = start_decoding(model, src, None, PAD, use_cache=True)
-        state._step = None if fast else False
+        DecoderState.decoding_step = fast
+        try:
+            state = start_decoding(model, src, None, PAD, use_cache=True)
+        finally:
+            DecoderState.decoding_step = True
         tokens = torch.full((src.shape[0], 1), BOS)
         out = []
         for _ in range(steps):
             logits = state.next_token_logits(tokens)
             out.append(logits)
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
-        assert (state._step is not False) == fast   # the step was (not) taken
+        assert (state.step is not None) == fast   # the step was (not) taken
     return torch.stack(out)
 
 
@@ -144,8 +147,11 @@ def test_source_row_without_real_tokens():
     with torch.no_grad():
         out = []
         for fast in (True, False):
-            state = start_decoding(model, src, None, PAD, use_cache=True)
-            state._step = None if fast else False
+            DecoderState.decoding_step = fast
+            try:
+                state = start_decoding(model, src, None, PAD, use_cache=True)
+            finally:
+                DecoderState.decoding_step = True
             out.append(state.next_token_logits(torch.full((4, 1), BOS)))
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
 
