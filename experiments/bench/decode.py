@@ -10,7 +10,9 @@ do_sample=False``), on the same random sources without padding. Neither may stop
 produce exactly ``batch × length`` tokens.
 
 tokens/s = ``batch · length`` / wall time of the whole call (encoder included), median of
-``--repeats`` round-robin runs. The per-token cost is ``(call time - encoder time) / length``,
+``--repeats`` round-robin runs: each round calls every model once, one right after the other,
+so both meet the machine in the same state; the ratio of each round's pair is printed too (its
+spread is the machine's noise). The per-token cost is ``(call time - encoder time) / length``,
 the decoder's cost per step with the one-off encoding taken out, so that "cost at length 256 /
 cost at length 32" measures how a step's cost grows with the cached prefix (1.0 = flat).
 The row ``polytask (no cache)`` is the slow twin (``use_cache=False``) at the shortest length.
@@ -35,15 +37,20 @@ from experiments.bench.peers import SIZES, Size, build_all
 TIMER = {"clock": time.perf_counter}
 
 
-def _median_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+def _round_robin(fns: dict[str, Callable[[], torch.Tensor]], repeats: int
+                 ) -> dict[str, tuple[list[float], torch.Tensor]]:
+    """Each function's ``repeats`` timed runs (seconds) and its last output. After one warm-up
+    call each, the functions run in turn, once per round, so that load from other processes
+    on a shared machine falls on all of them alike."""
     timer = TIMER["clock"]
-    out = fn()  # warm-up
-    times = []
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = timer()
-        out = fn()
-        times.append(timer() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            start = timer()
+            outs[name] = fn()
+            times[name].append(timer() - start)
+    return {name: (times[name], outs[name]) for name in fns}
 
 
 @torch.no_grad()
@@ -55,37 +62,45 @@ def run(size: Size, lengths: list[int], *, repeats: int = 3, include_hf: bool = 
     src = torch.randint(4, size.vocab, (size.batch, size.length),
                         generator=torch.Generator().manual_seed(2))
     ours = models["polytask"]
+
     def encode() -> torch.Tensor:
         with packed_weights():   # as in generate (attention.packed)
             return ours.encode(src)
 
-    encode_s, _ = _median_time(encode, repeats)
+    encoders = {"polytask": encode}
     calls: dict[str, Callable[[int], Callable[[], torch.Tensor]]] = {
         "polytask": lambda n: lambda: generate(ours, src, max_new_tokens=n, eos_id=-1),
     }
     if "hf_t5" in models:
         hf = models["hf_t5"]
+        encoders["hf_t5"] = lambda: hf.get_encoder()(input_ids=src)
         calls["hf_t5"] = lambda n: lambda: hf.generate(
             input_ids=src, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
             use_cache=True)
-        hf_encode_s, _ = _median_time(lambda: hf.get_encoder()(input_ids=src), repeats)
-    rows = []
+    encode_s = {name: statistics.median(times)
+                for name, (times, _) in _round_robin(encoders, repeats).items()}
+    rows, round_ratios = [], {}
     for n in lengths:
-        for name, make in calls.items():
-            t, out = _median_time(make(n), repeats)
+        timed = _round_robin({name: make(n) for name, make in calls.items()}, repeats)
+        for name, (times, out) in timed.items():
             new = out.shape[1] - (1 if name == "hf_t5" else 0)  # HF returns the start token too
-            enc = encode_s if name == "polytask" else hf_encode_s
+            t = statistics.median(times)
             rows.append({"model": name, "length": n, "tokens": size.batch * new, "time_s": t,
                          "tokens_per_s": size.batch * new / t,
-                         "per_token_ms": (t - enc) / new * 1e3})
+                         "per_token_ms": (t - encode_s[name]) / new * 1e3})
+        if "hf_t5" in timed:   # the same round's calls, one right after the other
+            round_ratios[n] = [h / p for p, h in zip(timed["polytask"][0], timed["hf_t5"][0])]
     n0 = min(lengths)
-    t, out = _median_time(lambda: generate(ours, src, max_new_tokens=n0, eos_id=-1,
-                                           use_cache=False), max(1, repeats - 1))
+    times, out = _round_robin({"no cache": lambda: generate(
+        ours, src, max_new_tokens=n0, eos_id=-1, use_cache=False)}, max(1, repeats - 1))["no cache"]
+    t = statistics.median(times)
     rows.append({"model": "polytask (no cache)", "length": n0, "tokens": out.numel(), "time_s": t,
-                 "tokens_per_s": out.numel() / t, "per_token_ms": (t - encode_s) / n0 * 1e3})
+                 "tokens_per_s": out.numel() / t,
+                 "per_token_ms": (t - encode_s["polytask"]) / n0 * 1e3})
     result = {"size": asdict(size), "threads": torch.get_num_threads(), "rows": rows,
               "clock": "cpu" if TIMER["clock"] is CLOCKS["cpu"] else "wall",
-              "missing": missing, "speedup_vs_hf": {}, "per_token_growth": None}
+              "missing": missing, "speedup_vs_hf": {}, "speedup_per_round": round_ratios,
+              "per_token_growth": None}
     by = {(r["model"], r["length"]): r for r in rows}
     for n in lengths:
         if ("hf_t5", n) in by:
@@ -107,7 +122,11 @@ def format_table(result: dict) -> str:
     for name, why in result["missing"].items():
         lines.append(f"{name:<22} missing: {why}")
     for n, ratio in result["speedup_vs_hf"].items():
-        lines.append(f"polytask / hf_t5 tokens/s at length {n}: {ratio:.2f}x (target >= 2x)")
+        rounds = result["speedup_per_round"].get(n, [])
+        spread = (f" (single rounds {min(rounds):.2f}-{max(rounds):.2f}x)" if len(rounds) > 1
+                  else "")
+        lines.append(f"polytask / hf_t5 tokens/s at length {n}: {ratio:.2f}x (target >= 2x)"
+                     + spread)
     if result["per_token_growth"] is not None:
         lines.append(f"polytask per-token step cost, longest / shortest length: "
                      f"{result['per_token_growth']:.2f}x (target <= 1.5x)")

@@ -67,7 +67,7 @@ def test_missing_peer_is_reported_not_fatal(monkeypatch):
 
 
 def test_decode_benchmark_outputs(capsys):
-    result = decode.main(["--size", "toy", "--lengths", "2", "4", "--repeats", "1"])
+    result = decode.main(["--size", "toy", "--lengths", "2", "4", "--repeats", "2"])
     assert "polytask / hf_t5" in capsys.readouterr().out
     rows = {(r["model"], r["length"]): r for r in result["rows"]}
     batch = SIZES["toy"].batch
@@ -78,6 +78,10 @@ def test_decode_benchmark_outputs(capsys):
     assert rows[("polytask (no cache)", 2)]["tokens"] == batch * 2
     assert set(result["speedup_vs_hf"]) == {2, 4}
     assert all(v > 0 for v in result["speedup_vs_hf"].values())
+    # one ratio per round; with two rounds the ratio of the medians (means) lies between them
+    for n, rounds in result["speedup_per_round"].items():
+        assert len(rounds) == 2
+        assert min(rounds) - 1e-9 <= result["speedup_vs_hf"][n] <= max(rounds) + 1e-9
     assert result["per_token_growth"] is not None
 
 
