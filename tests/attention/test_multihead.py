@@ -112,6 +112,20 @@ def test_cross_attention_cache_projects_the_context_once():
     torch.testing.assert_close(torch.cat(steps, 1), attn(x, context=memory), atol=1e-6, rtol=1e-6)
 
 
+def test_cross_attention_cache_keeps_contiguous_keys_and_values():
+    """The fused k/v projection returns interleaved views; the static cache keeps each as one
+    block (read at every step, see KVCache.set_static), with the same values."""
+    attn = MultiHeadAttention(16, 4).eval()
+    memory, x = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+    k, v = attn._kv(memory)
+    assert not k.is_contiguous()   # else this test would not exercise the copy
+    cache = KVCache()
+    steps = [attn(x[:, i:i + 1], context=memory, cache=cache) for i in range(5)]
+    assert cache.k.is_contiguous() and cache.v.is_contiguous()
+    assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+    torch.testing.assert_close(torch.cat(steps, 1), attn(x, context=memory), atol=1e-6, rtol=1e-6)
+
+
 def test_cache_reorder_keeps_the_chosen_rows():
     attn = MultiHeadAttention(8, 2, backend="reference").eval()
     x = torch.randn(3, 4, 8)
