@@ -3,8 +3,9 @@
 Self-attention appends one step's keys/values at a time into a preallocated buffer that grows
 geometrically, so appending is O(1) amortised (no ``torch.cat`` of the whole history per
 token). When gradients flow through the cache (e.g. a loss on incremental decoding), it
-concatenates instead, since in-place writes into a buffer would break autograd. Cross-attention keys/values depend only on the encoder output: they are computed on the
-first step and reused (``static=True``).
+concatenates instead, since in-place writes into a buffer would break autograd.
+Cross-attention keys/values depend only on the encoder output: they are computed on the first
+step and reused (``static=True``).
 """
 from __future__ import annotations
 

@@ -91,8 +91,8 @@ def run(size: Size, lengths: list[int], *, repeats: int = 3, include_hf: bool = 
         if "hf_t5" in timed:   # the same round's calls, one right after the other
             round_ratios[n] = [h / p for p, h in zip(timed["polytask"][0], timed["hf_t5"][0])]
     n0 = min(lengths)
-    times, out = _round_robin({"no cache": lambda: generate(
-        ours, src, max_new_tokens=n0, eos_id=-1, use_cache=False)}, max(1, repeats - 1))["no cache"]
+    no_cache = lambda: generate(ours, src, max_new_tokens=n0, eos_id=-1, use_cache=False)
+    times, out = _round_robin({"no cache": no_cache}, max(1, repeats - 1))["no cache"]
     t = statistics.median(times)
     rows.append({"model": "polytask (no cache)", "length": n0, "tokens": out.numel(), "time_s": t,
                  "tokens_per_s": out.numel() / t,

@@ -79,6 +79,7 @@ def test_decode_benchmark_outputs(capsys):
     assert set(result["speedup_vs_hf"]) == {2, 4}
     assert all(v > 0 for v in result["speedup_vs_hf"].values())
     # one ratio per round; with two rounds the ratio of the medians (means) lies between them
+    assert set(result["speedup_per_round"]) == {2, 4}
     for n, rounds in result["speedup_per_round"].items():
         assert len(rounds) == 2
         assert min(rounds) - 1e-9 <= result["speedup_vs_hf"][n] <= max(rounds) + 1e-9
