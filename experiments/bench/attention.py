@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 from attention.chunked import DEFAULT_BLOCK, chunked_attention
 from attention.reference import reference_attention
 from attention.sdpa import sdpa_attention
+
+T = TypeVar("T")
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
@@ -55,18 +57,24 @@ def peak_bytes(fn: Callable[[], None]) -> int:
     return peak
 
 
-def best_times(fns: list[Callable[[], None]], repeats: int) -> list[float]:
-    """Best-of-``repeats`` seconds of each function, run round-robin so that load from other
-    processes on a shared machine falls on every contender alike."""
-    for fn in fns:
-        fn()  # warm-up: first-call allocations and kernel selection
-    best = [math.inf] * len(fns)
+def round_robin(fns: list[Callable[[], T]], repeats: int,
+                timer: Callable[[], float] = time.perf_counter) -> tuple[list[list[float]], list[T]]:
+    """Each function's ``repeats`` timed runs (seconds) and its last result. After one warm-up
+    call each (first-call allocations, kernel selection), the functions run in turn, once per
+    round, so that load from other processes on a shared machine falls on all of them alike."""
+    results = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for n, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[n] = min(best[n], time.perf_counter() - start)
-    return best
+            start = timer()
+            results[n] = fn()
+            times[n].append(timer() - start)
+    return times, results
+
+
+def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best-of-``repeats`` seconds of each function, run :func:`round_robin`."""
+    return [min(ts) for ts in round_robin(fns, repeats)[0]]
 
 
 def run(lengths: list[int], batch: int = 8, heads: int = 8, dim: int = 64, causal: bool = True,

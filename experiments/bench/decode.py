@@ -30,6 +30,7 @@ import torch
 
 from attention.packed import packed_weights
 from core.generation import generate
+from experiments.bench.attention import round_robin
 from experiments.bench.flops import CLOCKS
 from experiments.bench.peers import SIZES, Size, build_all
 
@@ -39,18 +40,10 @@ TIMER = {"clock": time.perf_counter}
 
 def _round_robin(fns: dict[str, Callable[[], torch.Tensor]], repeats: int
                  ) -> dict[str, tuple[list[float], torch.Tensor]]:
-    """Each function's ``repeats`` timed runs (seconds) and its last output. After one warm-up
-    call each, the functions run in turn, once per round, so that load from other processes
-    on a shared machine falls on all of them alike."""
-    timer = TIMER["clock"]
-    outs = {name: fn() for name, fn in fns.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = timer()
-            outs[name] = fn()
-            times[name].append(timer() - start)
-    return {name: (times[name], outs[name]) for name in fns}
+    """Each function's ``repeats`` timed runs (on ``TIMER``'s clock) and its last output, run
+    :func:`experiments.bench.attention.round_robin`."""
+    times, outs = round_robin(list(fns.values()), repeats, TIMER["clock"])
+    return {name: (t, out) for name, t, out in zip(fns, times, outs)}
 
 
 @torch.no_grad()
