@@ -9,9 +9,10 @@ machine (docs/benchmarks.md), 32 and 256 greedy tokens at the target size: a loo
 same kernels directly took 0.22 s and 1.83 s where ``generate`` took 0.27 s and 2.20 s.
 
 :class:`DecodingStep` computes the same step with the weights resolved once per decoding call:
-concatenated q/k/v weights, each weight packed for oneDNN
-(:func:`attention.packed.reusable_linear`), the feed-forward activation inside its GEMM. It
-reads the layers' own modules for everything else (norms, embeddings, positions, LM head), and
+concatenated q/k/v weights, each weight re-laid once for the native small-rows kernel
+(:mod:`attention.native`; where it is not built, packed for oneDNN:
+:func:`attention.packed.reusable_linear`, the feed-forward activation inside its GEMM), and
+the attentions of the ``auto`` backend in the native single-query kernel. It reads the layers' own modules for everything else (norms, embeddings, positions, LM head), and
 calls a sublayer's module wherever a fast form is not obvious (a gated feed-forward, an
 attention whose projections are not plain ``nn.Linear``), so it covers every configuration. It
 is only built for a model in eval mode, without autograd, with no forward hooks anywhere in the
@@ -33,6 +34,7 @@ from torch import nn
 
 from attention.functional import scaled_dot_product_attention
 from attention.multihead import MultiHeadAttention, fused_weights, merge_heads, split_heads
+from attention.native import can_attend, single_query_attention, small_rows_linear
 from attention.packed import ACTIVATIONS, plain_linear, reusable_linear
 from core.feedforward import FeedForward
 from core.layers import DecoderLayer, LayerCache
@@ -53,13 +55,24 @@ def _attend(attn: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch
             mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """The attention's own ``scaled_dot_product_attention`` call for one query per row. Without
     mask and bias, with a key per query head and the sdpa backend, that function only calls
-    ``F.scaled_dot_product_attention``; so does this, directly."""
+    ``F.scaled_dot_product_attention``; so does this, directly. With the ``auto`` backend, the
+    native single-query kernel where it can run (:mod:`attention.native`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if attn.scale is None else attn.scale
+    if mask is None and bias is None and attn.backend == "auto" and can_attend(q, k, v):
+        return single_query_attention(q, k, v, scale)
     if (mask is None and bias is None and attn.backend in ("auto", "sdpa") and not q.is_cuda
             and q.shape[1] == k.shape[1]):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return scaled_dot_product_attention(q, k, v, mask, scale=scale, backend=attn.backend,
                                         bias=bias)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
+            activation: str | None = None) -> Linear:
+    """The native small-rows kernel (:mod:`attention.native`), or oneDNN with the weight packed
+    once when the kernels are not built or a call has many rows (beam search)."""
+    return small_rows_linear(weight, bias, activation,
+                             lambda: reusable_linear(weight, bias, activation))
 
 
 class _LayerStep:
@@ -72,17 +85,17 @@ class _LayerStep:
         if (type(sa) is MultiHeadAttention and sa.fused   # else the module's separate q, k, v
                 and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj)):
             projections = (sa.q_proj, sa.k_proj, sa.v_proj)
-            self.qkv = reusable_linear(*fused_weights(*projections))
+            self.qkv = _linear(*fused_weights(*projections))
             self.qkv_sizes = [p.out_features for p in projections]
-            self.self_out = reusable_linear(sa.out_proj.weight, sa.out_proj.bias)
+            self.self_out = _linear(sa.out_proj.weight, sa.out_proj.bias)
         self.cross_q: Linear | None = None
         if type(ca) is MultiHeadAttention and plain_linear(ca.q_proj, ca.out_proj):
-            self.cross_q = reusable_linear(ca.q_proj.weight, ca.q_proj.bias)
-            self.cross_out = reusable_linear(ca.out_proj.weight, ca.out_proj.bias)
+            self.cross_q = _linear(ca.q_proj.weight, ca.q_proj.bias)
+            self.cross_out = _linear(ca.out_proj.weight, ca.out_proj.bias)
         self.ffn_in: Linear | None = None
         if type(ffn) is FeedForward and ffn.activation in ACTIVATIONS and plain_linear(ffn.wi, ffn.wo):
-            self.ffn_in = reusable_linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
-            self.ffn_out = reusable_linear(ffn.wo.weight, ffn.wo.bias)
+            self.ffn_in = _linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
+            self.ffn_out = _linear(ffn.wo.weight, ffn.wo.bias)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
                   sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
