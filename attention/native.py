@@ -169,15 +169,21 @@ def small_rows_linear(weight: torch.Tensor, bias: torch.Tensor | None, activatio
 
 
 def can_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when :func:`single_query_attention` takes these tensors: CPU fp32, one query per
-    (row, head), a key and value head per query head, unit stride on the last dim, no
-    autograd, the kernels built."""
+    """True when :func:`single_query_attention` takes these tensors: the kernels are built and
+    :func:`single_query_fits`."""
+    return single_query_fits(q, k, v) and kernels() is not None
+
+
+def single_query_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The tensor half of :func:`can_attend` (for a caller that checked :func:`kernels` once):
+    CPU fp32, one query per (row, head), a key and value head per query head, unit stride on
+    the last dim, no autograd."""
     return (q.dim() == 4 and q.shape[2] == 1 and k.dim() == 4 and v.dim() == 4
             and _plain_f32(q) and _plain_f32(k) and _plain_f32(v)
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
             and q.shape[3] == k.shape[3]
             and q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1
-            and _no_autograd(q, k, v) and not _tracing() and kernels() is not None)
+            and _no_autograd(q, k, v) and not _tracing())
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

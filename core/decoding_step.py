@@ -34,7 +34,7 @@ from torch import nn
 
 from attention.functional import scaled_dot_product_attention
 from attention.multihead import MultiHeadAttention, fused_weights, merge_heads, split_heads
-from attention.native import can_attend, single_query_attention, small_rows_linear
+from attention.native import kernels, single_query_attention, single_query_fits, small_rows_linear
 from attention.packed import ACTIVATIONS, plain_linear, reusable_linear
 from core.feedforward import FeedForward
 from core.layers import DecoderLayer, LayerCache
@@ -52,13 +52,14 @@ def _hooked(model: nn.Module) -> bool:
 
 
 def _attend(attn: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+            mask: torch.Tensor | None, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
     """The attention's own ``scaled_dot_product_attention`` call for one query per row. Without
     mask and bias, with a key per query head and the sdpa backend, that function only calls
-    ``F.scaled_dot_product_attention``; so does this, directly. With the ``auto`` backend, the
-    native single-query kernel where it can run (:mod:`attention.native`)."""
+    ``F.scaled_dot_product_attention``; so does this, directly. With ``native`` (the ``auto``
+    backend and the kernels built), the native single-query kernel where the tensors fit it
+    (:mod:`attention.native`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if attn.scale is None else attn.scale
-    if mask is None and bias is None and attn.backend == "auto" and can_attend(q, k, v):
+    if native and mask is None and bias is None and single_query_fits(q, k, v):
         return single_query_attention(q, k, v, scale)
     if (mask is None and bias is None and attn.backend in ("auto", "sdpa") and not q.is_cuda
             and q.shape[1] == k.shape[1]):
@@ -80,7 +81,15 @@ class _LayerStep:
 
     def __init__(self, layer: DecoderLayer) -> None:
         self.layer, self.pre = layer, layer.residual.pre
-        sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+        self.sa = sa = layer.self_attn
+        self.ca = ca = layer.cross_attn
+        ffn = layer.ffn
+        # the norms' forward itself: DecodingStep.build made sure no module has hooks
+        self.norms = (layer.self_attn_norm.forward, layer.cross_attn_norm.forward,
+                      layer.ffn_norm.forward)
+        built = kernels() is not None
+        self.native = tuple(built and type(m) is MultiHeadAttention and m.backend == "auto"
+                            for m in (sa, ca))
         self.qkv: Linear | None = None
         if (type(sa) is MultiHeadAttention and sa.fused   # else the module's separate q, k, v
                 and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj)):
@@ -97,7 +106,7 @@ class _LayerStep:
             self.ffn_in = _linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
             self.ffn_out = _linear(ffn.wo.weight, ffn.wo.bias)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module,
+    def _residual(self, x: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
                   sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``core.layers._Residual`` in eval mode (no dropout)."""
         return x + sublayer(norm(x)) if self.pre else norm(x + sublayer(x))
@@ -105,15 +114,15 @@ class _LayerStep:
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, cache: LayerCache,
                  cross_mask: torch.Tensor | None, bias: torch.Tensor | None,
                  rope: Callable | None, offset: int) -> torch.Tensor:
-        layer = self.layer
-        x = self._residual(x, layer.self_attn_norm,
+        self_norm, cross_norm, ffn_norm = self.norms
+        x = self._residual(x, self_norm,
                            lambda h: self._self_attention(h, cache, bias, rope, offset))
-        x = self._residual(x, layer.cross_attn_norm,
+        x = self._residual(x, cross_norm,
                            lambda h: self._cross_attention(h, memory, cache, cross_mask))
-        return self._residual(x, layer.ffn_norm, self._ffn)
+        return self._residual(x, ffn_norm, self._ffn)
 
     def _self_attention(self, h, cache, bias, rope, offset) -> torch.Tensor:
-        sa = self.layer.self_attn
+        sa = self.sa
         if self.qkv is None:
             return sa(h, causal=True, cache=cache.self_attn, position_bias=bias, rope=rope)
         q, k, v = self.qkv(h).split(self.qkv_sizes, dim=-1)
@@ -122,16 +131,16 @@ class _LayerStep:
         if rope is not None:
             q, k = rope(q, offset), rope(k, offset)
         k, v = cache.self_attn.update(k, v)
-        return self.self_out(merge_heads(_attend(sa, q, k, v, None, bias)))
+        return self.self_out(merge_heads(_attend(sa, q, k, v, None, bias, self.native[0])))
 
     def _cross_attention(self, h, memory, cache, mask) -> torch.Tensor:
-        ca = self.layer.cross_attn
+        ca = self.ca
         if self.cross_q is None:
             return ca(h, context=memory, mask=mask, cache=cache.cross_attn)
         if not cache.cross_attn.is_set:   # the first step: keys and values of the memory
             cache.cross_attn.set_static(*ca._kv(memory))
         q = split_heads(self.cross_q(h), ca.n_heads)
-        out = _attend(ca, q, cache.cross_attn.k, cache.cross_attn.v, mask, None)
+        out = _attend(ca, q, cache.cross_attn.k, cache.cross_attn.v, mask, None, self.native[1])
         return self.cross_out(merge_heads(out))
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:

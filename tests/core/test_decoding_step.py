@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from attention.native import MAX_ROWS, SmallRowsLinear, kernels, single_query_fits
+from core import decoding_step
 from core.config import ModelConfig
 from core.decoding_step import DecodingStep
 from core.generation import DecoderState, generate, start_decoding
@@ -65,12 +67,47 @@ def test_step_logits_equal_module_path(name):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "onednn"])
 @pytest.mark.parametrize("name", ["default", "t5"])
-def test_step_logits_equal_with_packed_onednn_weights(name):
-    """d_model 256: the projections go through oneDNN with packed weights (attention.packed)."""
+def test_step_logits_equal_at_d_model_256(name, native, monkeypatch):
+    """d_model 256: the step's projections and attentions run the native kernels
+    (attention.native), or, with them switched off, oneDNN with packed weights
+    (attention.packed) and SDPA."""
+    if not native:
+        monkeypatch.setenv("POLYTASK_NATIVE", "0")
+    elif kernels() is None:
+        pytest.skip("native kernels not built")
     model = model_of(d_model=256, **CONFIGS[name])
     fast, slow = (step_logits(model, sources(), 4, fast) for fast in (True, False))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_step_takes_the_native_kernels_where_built():
+    if kernels() is None:
+        pytest.skip("native kernels not built")
+    with torch.no_grad():
+        step = DecodingStep.build(model_of())
+        gqa = DecodingStep.build(model_of(**CONFIGS["rope_gqa"]))
+    layer = step.layers[0]
+    assert all(isinstance(f, SmallRowsLinear) for f in (
+        layer.qkv, layer.self_out, layer.cross_q, layer.cross_out, layer.ffn_in, layer.ffn_out))
+    assert layer.native == (True, True)
+    q, kv = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 5, 16)   # grouped heads: SDPA
+    assert gqa.layers[0].native == (True, True) and not single_query_fits(q, kv, kv)
+
+
+def test_beam_search_past_the_native_row_limit(monkeypatch):
+    """4 sources x 17 beams = 68 rows > MAX_ROWS: the step's linears fall back to oneDNN."""
+    if kernels() is None:
+        pytest.skip("native kernels not built")
+    assert 4 * 17 > MAX_ROWS
+    made = []
+    original = decoding_step.reusable_linear
+    monkeypatch.setattr(decoding_step, "reusable_linear",
+                        lambda *args: made.append(args) or original(*args))
+    fast, slow = generate_both(model_of(d_model=256), method="beam", num_beams=17)
+    assert torch.equal(fast, slow)
+    assert len(made) == 6 * 2   # every linear of both decoder layers, made on first need
 
 
 def generate_both(model, **kwargs):
