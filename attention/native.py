@@ -8,8 +8,8 @@ from one step to the next, so each call reads its data from memory. PyTorch's ke
 built for larger problems. Measured on the benchmark machine, with the data flushed from
 cache before each call:
 
-* a 256² oneDNN linear with a packed weight, 16 rows: ~170 µs; here ~36 µs (1024x256:
-  ~240 against ~95 µs). Each call of oneDNN also has a fixed cost of ~25 µs;
+* a 256² oneDNN linear with a packed weight, 16 rows: ~110 µs; here ~30 µs (1024x256:
+  ~145 against ~70 µs). Each call of oneDNN also has a fixed cost of ~25 µs;
 * ``F.scaled_dot_product_attention`` with one query, 16 x 4 heads of 64, 128 keys: ~240 µs;
   here ~130 µs, which is what summing the keys and values takes (they are read once).
 
