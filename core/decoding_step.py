@@ -13,8 +13,9 @@ concatenated q/k/v weights, each weight re-laid once for the native small-rows k
 (:mod:`attention.native`; where it is not built, packed for oneDNN:
 :func:`attention.packed.reusable_linear`, the feed-forward activation inside its GEMM), and
 the attentions of the ``auto`` backend in the native single-query kernel. It reads the
-layers' own modules for everything else (norms, embeddings, positions, LM head), and calls a sublayer's module wherever a fast form is not obvious (a gated feed-forward, an
-attention whose projections are not plain ``nn.Linear``), so it covers every configuration. It
+layers' own modules for everything else (norms, embeddings, positions, LM head), and calls
+a sublayer's module wherever a fast form is not obvious (a gated feed-forward, an attention
+whose projections are not plain ``nn.Linear``), so it covers every configuration. It
 is only built for a model in eval mode, without autograd, with no forward hooks anywhere in the
 model (which the step would not run), and it only takes steps in which every cached key is real
 (``DecoderState`` passes all-True target masks, so that holds there).

@@ -114,7 +114,8 @@ def test_single_query_attention_matches_sdpa_and_reference(kernels, b, h, lk, d,
 
 
 def test_single_query_attention_large_scores_stay_finite(kernels):
-    q, k, v = torch.randn(2, 2, 1, 16) * 100, torch.randn(2, 2, 9, 16) * 100, torch.randn(2, 2, 9, 16)
+    q, k = torch.randn(2, 2, 1, 16) * 100, torch.randn(2, 2, 9, 16) * 100
+    v = torch.randn(2, 2, 9, 16)
     got = native.single_query_attention(q, k, v, 0.25)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _attention_twins(q, k, v, 0.25)[1], rtol=1e-4, atol=1e-4)
