@@ -41,6 +41,19 @@ class KVCache:
             self._v = v if self._v is None else torch.cat([self.v, v], dim=2)
             self.length += new
             return self._k, self._v
+        self.reserve(new, k, v)
+        # narrow + copy_: the same write as slice assignment, without its Python indexing cost
+        self._k.narrow(2, self.length, new).copy_(k)
+        self._v.narrow(2, self.length, new).copy_(v)
+        self.length += new
+        return self.k, self.v
+
+    def reserve(self, new: int, k: torch.Tensor, v: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for ``new`` more positions of keys and values shaped like ``k``, ``v``
+        ``(b, hk, *, d)``: the whole buffers ``(b, hk, capacity, d)``, whose first ``length``
+        positions are the cache. A caller that writes positions ``length ..`` itself (the
+        native decoding step) then adds ``new`` to ``length``."""
         if self._k is None or self.length + new > self._k.shape[2]:
             capacity = max(16, 2 * (self.length + new))
             grown_k = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])
@@ -49,11 +62,7 @@ class KVCache:
                 grown_k[:, :, : self.length] = self.k
                 grown_v[:, :, : self.length] = self.v
             self._k, self._v = grown_k, grown_v
-        # narrow + copy_: the same write as slice assignment, without its Python indexing cost
-        self._k.narrow(2, self.length, new).copy_(k)
-        self._v.narrow(2, self.length, new).copy_(v)
-        self.length += new
-        return self.k, self.v
+        return self._k, self._v
 
     def set_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep ``k``, ``v`` for every later step, each in one contiguous block. The fused

@@ -34,11 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.functional import scaled_dot_product_attention
+from attention.kv_cache import KVCache
 from attention.multihead import MultiHeadAttention, fused_weights, merge_heads, split_heads
-from attention.native import kernels, single_query_attention, single_query_fits, small_rows_linear
+from attention.native import (MAX_ROWS, SmallRowsLinear, kernels, single_query_attention,
+                              single_query_fits, small_rows_linear)
 from attention.packed import ACTIVATIONS, plain_linear, reusable_linear
 from core.feedforward import FeedForward
 from core.layers import DecoderLayer, LayerCache
+from core.norms import LayerNorm, RMSNorm
 from core.transformer import DecoderCache, EncoderDecoder
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -52,6 +55,10 @@ def _hooked(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def _scale(attn: MultiHeadAttention, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if attn.scale is None else attn.scale
+
+
 def _attend(attn: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask: torch.Tensor | None, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
     """The attention's own ``scaled_dot_product_attention`` call for one query per row. Without
@@ -59,7 +66,7 @@ def _attend(attn: MultiHeadAttention, q: torch.Tensor, k: torch.Tensor, v: torch
     ``F.scaled_dot_product_attention``; so does this, directly. With ``native`` (the ``auto``
     backend and the kernels built), the native single-query kernel where the tensors fit it
     (:mod:`attention.native`)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if attn.scale is None else attn.scale
+    scale = _scale(attn, q.shape[-1])
     if native and mask is None and bias is None and single_query_fits(q, k, v):
         return single_query_attention(q, k, v, scale)
     if (mask is None and bias is None and attn.backend in ("auto", "sdpa") and not q.is_cuda
@@ -106,6 +113,49 @@ class _LayerStep:
         if type(ffn) is FeedForward and ffn.activation in ACTIVATIONS and plain_linear(ffn.wi, ffn.wo):
             self.ffn_in = _linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
             self.ffn_out = _linear(ffn.wo.weight, ffn.wo.bias)
+        self.blocks = self._blocks_fit()
+
+    def _blocks_fit(self) -> bool:
+        """True when each sublayer can run as one native block (``attention/native.cpp``):
+        pre-norm with this project's LayerNorm or RMSNorm, every projection in the native
+        kernel, a key and value head per query head, and the ``auto`` attention backend. The
+        blocks do what the Python path below does, with the same kernels, in one call each."""
+        layer = self.layer
+        norms = (layer.self_attn_norm, layer.cross_attn_norm, layer.ffn_norm)
+        linears = (self.qkv, self.cross_q, self.ffn_in)
+        if not (self.pre and self.native == (True, True)
+                and all(type(n) in (LayerNorm, RMSNorm) for n in norms)
+                and all(isinstance(f, SmallRowsLinear) for f in linears)):
+            return False
+        outs = (self.self_out, self.cross_out, self.ffn_out)
+        sa, ca = self.sa, self.ca
+        return (all(isinstance(f, SmallRowsLinear) for f in outs)
+                and sa.n_kv_heads == sa.n_heads and ca.n_kv_heads == ca.n_heads
+                and len(set(self.qkv_sizes)) == 1)
+
+    def _native_blocks(self, x: torch.Tensor, memory: torch.Tensor, cache: LayerCache
+                       ) -> torch.Tensor:
+        """The layer as three native calls, x ``(b, d)``; see :meth:`_blocks_fit`."""
+        k = kernels()
+        layer, sa, ca = self.layer, self.sa, self.ca
+        n1, n2, n3 = layer.self_attn_norm, layer.cross_attn_norm, layer.ffn_norm
+        kv = cache.self_attn
+        like = x.new_empty((x.shape[0], sa.n_heads, 0, sa.d_head))
+        k_buf, v_buf = kv.reserve(1, like, like)
+        x = k.self_attention_block(
+            x, n1.weight, getattr(n1, "bias", None), n1.eps, type(n1) is RMSNorm,
+            self.qkv.panels, self.qkv.bias, self.self_out.panels, self.self_out.bias,
+            k_buf, v_buf, kv.length, _scale(sa, sa.d_head))
+        kv.length += 1
+        cross = self._cross_cache(cache, memory)
+        x = k.cross_attention_block(
+            x, n2.weight, getattr(n2, "bias", None), n2.eps, type(n2) is RMSNorm,
+            self.cross_q.panels, self.cross_q.bias, self.cross_out.panels, self.cross_out.bias,
+            cross.k, cross.v, _scale(ca, ca.d_head))
+        return k.ffn_block(
+            x, n3.weight, getattr(n3, "bias", None), n3.eps, type(n3) is RMSNorm,
+            self.ffn_in.panels, self.ffn_in.bias, self.ffn_in.out_features,
+            layer.ffn.activation, self.ffn_out.panels, self.ffn_out.bias)
 
     def _residual(self, x: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
                   sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -115,6 +165,9 @@ class _LayerStep:
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, cache: LayerCache,
                  cross_mask: torch.Tensor | None, bias: torch.Tensor | None,
                  rope: Callable | None, offset: int) -> torch.Tensor:
+        if (self.blocks and bias is None and rope is None and cross_mask is None
+                and x.shape[0] <= MAX_ROWS and x.dtype is torch.float32 and x.is_cpu):
+            return self._native_blocks(x.view(x.shape[0], -1), memory, cache).view(x.shape)
         self_norm, cross_norm, ffn_norm = self.norms
         x = self._residual(x, self_norm,
                            lambda h: self._self_attention(h, cache, bias, rope, offset))
@@ -138,11 +191,17 @@ class _LayerStep:
         ca = self.ca
         if self.cross_q is None:
             return ca(h, context=memory, mask=mask, cache=cache.cross_attn)
-        if not cache.cross_attn.is_set:   # the first step: keys and values of the memory
-            cache.cross_attn.set_static(*ca._kv(memory))
+        cross = self._cross_cache(cache, memory)
         q = split_heads(self.cross_q(h), ca.n_heads)
-        out = _attend(ca, q, cache.cross_attn.k, cache.cross_attn.v, mask, None, self.native[1])
+        out = _attend(ca, q, cross.k, cross.v, mask, None, self.native[1])
         return self.cross_out(merge_heads(out))
+
+    def _cross_cache(self, cache: LayerCache, memory: torch.Tensor) -> KVCache:
+        """The cross-attention cache, filled with the memory's keys and values on the first
+        step."""
+        if not cache.cross_attn.is_set:
+            cache.cross_attn.set_static(*self.ca._kv(memory))
+        return cache.cross_attn
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.ffn_in is None:

@@ -172,6 +172,19 @@ def test_kernel_errors_name_the_bad_shapes(kernels):
         kernels.linear_small_rows(torch.randn(2, 9), panels, None, 40)
 
 
+def test_block_errors_name_the_bad_cache(kernels):
+    x, w = torch.randn(2, 8), torch.ones(8)
+    panels = kernels.pack_weight(torch.randn(24, 8))
+    out = kernels.pack_weight(torch.randn(8, 8))
+    buf = torch.zeros(2, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="do not fit position 4"):
+        kernels.self_attention_block(x, w, None, 1e-5, False, panels, None, out, None, buf, buf,
+                                     4, 0.5)
+    with pytest.raises(RuntimeError, match="unknown activation 'swish'"):
+        kernels.ffn_block(x, w, None, 1e-5, True, panels, None, 24, "swish",
+                          kernels.pack_weight(torch.randn(8, 24)), None)
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("POLYTASK_NATIVE", "0")
     assert native.kernels() is None

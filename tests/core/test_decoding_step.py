@@ -96,6 +96,46 @@ def test_step_takes_the_native_kernels_where_built():
     assert gqa.layers[0].native == (True, True) and not single_query_fits(q, kv, kv)
 
 
+BLOCK_CONFIGS = {
+    "default": {},
+    "rmsnorm_relu_no_bias": dict(norm="rmsnorm", activation="relu", bias=False),
+    "gelu_tanh_sinusoidal": dict(activation="gelu_tanh", positions="sinusoidal"),
+}
+
+
+@pytest.mark.parametrize("d_model", [32, 256])
+@pytest.mark.parametrize("name", BLOCK_CONFIGS)
+def test_native_blocks_equal_the_python_step_and_the_modules(name, d_model, monkeypatch):
+    """Unpadded sources (no cross-attention mask), pre-norm, no position bias or RoPE: each
+    sublayer runs as one native block. Same kernels, same order: the same numbers as the
+    step's Python path; the module path agrees to rounding."""
+    if kernels() is None:
+        pytest.skip("native kernels not built")
+    model = model_of(d_model=d_model, **BLOCK_CONFIGS[name])
+    src = torch.randint(4, 40, (5, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert all(layer.blocks for layer in DecodingStep.build(model).layers)
+    blocks = step_logits(model, src, 6, True)
+    monkeypatch.setattr(decoding_step._LayerStep, "_blocks_fit", lambda self: False)
+    python = step_logits(model, src, 6, True)
+    assert torch.equal(blocks, python)
+    # other kernels (MKL, SDPA) sum in another order: rounding grows with d_model
+    torch.testing.assert_close(blocks, step_logits(model, src, 6, False), rtol=1e-4, atol=5e-5)
+
+
+def test_blocks_not_taken_where_they_do_not_fit():
+    if kernels() is None:
+        pytest.skip("native kernels not built")
+    with torch.no_grad():
+        for name in ("post_norm", "rope_gqa", "gated_bart"):
+            step = DecodingStep.build(model_of(**CONFIGS[name]))
+            assert not any(layer.blocks for layer in step.layers), name
+        unfused = model_of()
+        for layer in unfused.decoder.layers:
+            layer.self_attn.fused = False
+        assert not any(layer.blocks for layer in DecodingStep.build(unfused).layers)
+
+
 def test_beam_search_past_the_native_row_limit(monkeypatch):
     """4 sources x 17 beams = 68 rows > MAX_ROWS: the step's linears fall back to oneDNN."""
     if kernels() is None:
