@@ -95,7 +95,8 @@ class _LayerStep:
         # the norms' forward itself: DecodingStep.build made sure no module has hooks
         self.norms = (layer.self_attn_norm.forward, layer.cross_attn_norm.forward,
                       layer.ffn_norm.forward)
-        built = kernels() is not None
+        weight = next(layer.parameters())   # the kernels are built only for CPU fp32 models
+        built = weight.dtype is torch.float32 and weight.is_cpu and kernels() is not None
         self.native = tuple(built and type(m) is MultiHeadAttention and m.backend == "auto"
                             for m in (sa, ca))
         self.qkv: Linear | None = None

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from attention import native
 from attention.native import MAX_ROWS, SmallRowsLinear, kernels, single_query_fits
 from core import decoding_step
 from core.config import ModelConfig
@@ -134,6 +135,17 @@ def test_blocks_not_taken_where_they_do_not_fit():
         for layer in unfused.decoder.layers:
             layer.self_attn.fused = False
         assert not any(layer.blocks for layer in DecodingStep.build(unfused).layers)
+
+
+def test_fp64_model_neither_builds_nor_takes_the_kernels(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_build", lambda: pytest.fail("kernels built for fp64"))
+    model = model_of(d_model=64).double()
+    with torch.no_grad():
+        layer = DecodingStep.build(model).layers[0]
+    assert layer.native == (False, False) and not layer.blocks
+    fast, slow = generate_both(model)
+    assert torch.equal(fast, slow)
 
 
 def test_beam_search_past_the_native_row_limit(monkeypatch):
