@@ -16,7 +16,10 @@ cache before each call:
 The kernels are plain loops (see the .cpp): a weight is re-laid once per decoding call into
 panels of 32 output columns, so a tile of 8 rows x 32 columns keeps its partial sums in
 registers while reading the panel once; the attention computes one (row, head) per task:
-scores, softmax, weighted sum of values.
+scores, softmax, weighted sum of values. Three *blocks* chain them with the norms, the cache
+write and the residual, so that a pre-norm sublayer of a decoding step is one call
+(``core.decoding_step`` uses them where they fit; its Python path is their twin and gives the
+same numbers).
 
 Twins: ``F.linear`` and ``F.scaled_dot_product_attention`` (tests/attention/test_native.py:
 values over odd shapes and strided caches; the kernels never run with autograd, so there are
