@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -83,8 +84,20 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
+def _ninja_on_path() -> None:
+    """PyTorch's build runs ``ninja`` from PATH; the pip package's binary sits next to the
+    interpreter, which is not on PATH when a virtualenv's python runs without activation."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return   # the build then fails with PyTorch's own message, and we fall back
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build():
     from torch.utils import cpp_extension
+    _ninja_on_path()
     cflags = ["-O3", "-fopenmp", *_arch_flags()]
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cflags), torch.__version__,
                                        _cpu_fingerprint()]).encode()).hexdigest()[:12]

@@ -185,6 +185,15 @@ def test_block_errors_name_the_bad_cache(kernels):
                           kernels.pack_weight(torch.randn(8, 24)), None)
 
 
+def test_pip_ninja_put_on_path_when_missing(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    native._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    native._ninja_on_path()   # found now: PATH unchanged
+    assert os.environ["PATH"] == ninja.BIN_DIR + os.pathsep + "/nonexistent"
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("POLYTASK_NATIVE", "0")
     assert native.kernels() is None
