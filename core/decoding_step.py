@@ -115,6 +115,9 @@ class _LayerStep:
             self.ffn_in = _linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
             self.ffn_out = _linear(ffn.wo.weight, ffn.wo.bias)
         self.blocks = self._blocks_fit()
+        # what a block needs of each norm, resolved once: weight, bias, eps, RMSNorm or not
+        self.norm_args = [(n.weight, getattr(n, "bias", None), n.eps, type(n) is RMSNorm)
+                          for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ffn_norm)]
 
     def _blocks_fit(self) -> bool:
         """True when each sublayer can run as one native block (``attention/native.cpp``):
@@ -138,25 +141,22 @@ class _LayerStep:
                        ) -> torch.Tensor:
         """The layer as three native calls, x ``(b, d)``; see :meth:`_blocks_fit`."""
         k = kernels()
-        layer, sa, ca = self.layer, self.sa, self.ca
-        n1, n2, n3 = layer.self_attn_norm, layer.cross_attn_norm, layer.ffn_norm
+        sa, ca = self.sa, self.ca
+        n1, n2, n3 = self.norm_args
         kv = cache.self_attn
         like = x.new_empty((x.shape[0], sa.n_heads, 0, sa.d_head))
         k_buf, v_buf = kv.reserve(1, like, like)
         x = k.self_attention_block(
-            x, n1.weight, getattr(n1, "bias", None), n1.eps, type(n1) is RMSNorm,
-            self.qkv.panels, self.qkv.bias, self.self_out.panels, self.self_out.bias,
+            x, *n1, self.qkv.panels, self.qkv.bias, self.self_out.panels, self.self_out.bias,
             k_buf, v_buf, kv.length, _scale(sa, sa.d_head))
         kv.length += 1
         cross = self._cross_cache(cache, memory)
         x = k.cross_attention_block(
-            x, n2.weight, getattr(n2, "bias", None), n2.eps, type(n2) is RMSNorm,
-            self.cross_q.panels, self.cross_q.bias, self.cross_out.panels, self.cross_out.bias,
-            cross.k, cross.v, _scale(ca, ca.d_head))
+            x, *n2, self.cross_q.panels, self.cross_q.bias, self.cross_out.panels,
+            self.cross_out.bias, cross.k, cross.v, _scale(ca, ca.d_head))
         return k.ffn_block(
-            x, n3.weight, getattr(n3, "bias", None), n3.eps, type(n3) is RMSNorm,
-            self.ffn_in.panels, self.ffn_in.bias, self.ffn_in.out_features,
-            layer.ffn.activation, self.ffn_out.panels, self.ffn_out.bias)
+            x, *n3, self.ffn_in.panels, self.ffn_in.bias, self.ffn_in.out_features,
+            self.layer.ffn.activation, self.ffn_out.panels, self.ffn_out.bias)
 
     def _residual(self, x: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
                   sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
