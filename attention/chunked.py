@@ -33,7 +33,7 @@ import torch
 from einops import rearrange
 
 DEFAULT_BLOCK = 64  # key columns per step: at L=1024 peak memory 1.16x sdpa (128: 1.49x), see
-                   # ``python -m experiments.bench.attention --block-size 32 64 128``
+                   # ``python -m polytask.experiments.bench.attention --block-size 32 64 128``
 
 
 def _as_4d(t: torch.Tensor | None, lq: int, lk: int) -> torch.Tensor | None:
@@ -191,7 +191,7 @@ def chunked_attention(
     Args:
         q: ``(b, h, i, d)``; k: ``(b, h, j, d)``; v: ``(b, h, j, e)`` (heads already expanded
             for grouped-query attention by
-            :func:`attention.functional.scaled_dot_product_attention`).
+            :func:`polytask.attention.functional.scaled_dot_product_attention`).
         mask: bool, broadcastable to ``(b, h, i, j)``, True = may attend.
         causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (bottom-right aligned).
         scale: multiplies ``q kᵀ``.

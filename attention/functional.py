@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from einops import repeat
 
-from attention.chunked import chunked_attention
-from attention.reference import reference_attention
-from attention.sdpa import sdpa_attention
+from polytask.attention.chunked import chunked_attention
+from polytask.attention.reference import reference_attention
+from polytask.attention.sdpa import sdpa_attention
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": reference_attention,
@@ -82,7 +82,7 @@ def resolve_backend(backend: str, q: torch.Tensor, *, k: torch.Tensor | None = N
     The rule (measured with ``polytask bench attention``; see docs/benchmarks.md):
 
     * CUDA tensors, and the Triton kernel can run these arguments
-      (:func:`attention.triton_flash.unsupported_reason` is None): ``triton``;
+      (:func:`polytask.attention.triton_flash.unsupported_reason` is None): ``triton``;
     * otherwise ``sdpa``: PyTorch's fused kernel, which on this project's reference CPU is the
       fastest at every length (the hand-written ``chunked`` backend reaches 0.8-1.1x of it
       with ~1.2x its memory, and ``reference`` materialises the weights). ``sdpa`` supports
@@ -94,7 +94,7 @@ def resolve_backend(backend: str, q: torch.Tensor, *, k: torch.Tensor | None = N
         return backend
     if q.is_cuda and k is not None and v is not None:
         try:
-            from attention.triton_flash import unsupported_reason
+            from polytask.attention.triton_flash import unsupported_reason
         except ImportError:  # the optional extra is not installed
             return "sdpa"
         if unsupported_reason(q, k, v, mask, causal=causal, dropout_p=dropout_p, bias=bias) is None:
@@ -133,7 +133,7 @@ def scaled_dot_product_attention(
 
 def _triton_backend(q, k, v, mask=None, **kw):
     # Optional dependency: imported only when the triton backend is requested.
-    from attention.triton_flash import triton_attention
+    from polytask.attention.triton_flash import triton_attention
     return triton_attention(q, k, v, mask, **kw)
 
 

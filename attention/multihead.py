@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attention.functional import scaled_dot_product_attention
-from attention.kv_cache import KVCache
-from attention.packed import apply_linear, block_cached, linear, plain_linear
+from polytask.attention.functional import scaled_dot_product_attention
+from polytask.attention.kv_cache import KVCache
+from polytask.attention.packed import apply_linear, block_cached, linear, plain_linear
 
 
 def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
@@ -26,10 +26,10 @@ def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]
     GEMM, one bias reduction and no accumulation of the input gradients from separate branches.
     The weights are concatenated at call time (a copy of ``3·d²`` floats, small next to the
     ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
-    Without autograd inside a :func:`attention.packed.packed_weights` block (a ``generate``
+    Without autograd inside a :func:`polytask.attention.packed.packed_weights` block (a ``generate``
     call, where that copy is as large as a step's GEMM) the concatenation is made once per
-    block (:func:`attention.packed.block_cached`). The product goes through
-    :func:`attention.packed.linear`.
+    block (:func:`polytask.attention.packed.block_cached`). The product goes through
+    :func:`polytask.attention.packed.linear`.
     """
     out = linear(x, *fused_weights(*projections))
     return list(out.split([p.out_features for p in projections], dim=-1))
@@ -39,7 +39,7 @@ def fused_weights(*projections: nn.Linear) -> tuple[torch.Tensor, torch.Tensor |
     """The projections' weights and biases concatenated along the output features (biases
     None when the projections have none): made on every call with autograd or while tracing
     (an exported graph keeps the separate weights as its inputs), otherwise once per
-    :func:`attention.packed.packed_weights` block (:func:`attention.packed.block_cached`)."""
+    :func:`polytask.attention.packed.packed_weights` block (:func:`polytask.attention.packed.block_cached`)."""
     params = tuple(t for p in projections for t in (p.weight, p.bias) if t is not None)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in params)) or torch.jit.is_tracing():
         return _concatenated(projections)
@@ -79,7 +79,7 @@ class MultiHeadAttention(nn.Module):
                  d_head: int | None = None, bias: bool = True, dropout: float = 0.0,
                  scale: float | None = None, backend: str = "auto") -> None:
         super().__init__()
-        from attention.functional import CHOICES
+        from polytask.attention.functional import CHOICES
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model ({d_model}) and n_heads ({n_heads}) must be positive")
         if backend not in CHOICES:

@@ -200,13 +200,13 @@ torch::Tensor single_query_attention(const torch::Tensor& q, const torch::Tensor
 }
 
 // ---- Pre-norm sublayers of one decoding step, each in one call -------------------------
-// The same operations, in the same order, as core/decoding_step.py's Python path with the
+// The same operations, in the same order, as core/decoding/step.py's Python path with the
 // kernels above (so the same numbers): a layer's Python costs more than its small kernels.
 // x is (B, d) contiguous, one row per sequence; each block returns x + sublayer(norm(x)).
 
 namespace {
 
-// core/norms.py with the same ATen ops: LayerNorm is F.layer_norm; RMSNorm (rms, no bias) is
+// core/model/norms.py with the same ATen ops: LayerNorm is F.layer_norm; RMSNorm (rms, no bias) is
 // x * rsqrt(mean(x²) + eps) * weight.
 torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight,
                    const c10::optional<torch::Tensor>& bias, double eps, bool rms) {

@@ -18,7 +18,7 @@ panels of 32 output columns, so a tile of 8 rows x 32 columns keeps its partial 
 registers while reading the panel once; the attention computes one (row, head) per task:
 scores, softmax, weighted sum of values. Three *blocks* chain them with the norms, the cache
 write and the residual, so that a pre-norm sublayer of a decoding step is one call
-(``core.decoding_step`` uses them where they fit; its Python path is their twin and gives the
+(``polytask.core.decoding.step`` uses them where they fit; its Python path is their twin and gives the
 same numbers).
 
 Twins: ``F.linear`` and ``F.scaled_dot_product_attention`` (tests/attention/test_native.py:
@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from attention.packed import ACTIVATIONS
+from polytask.attention.packed import ACTIVATIONS
 
 SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -171,7 +171,7 @@ def small_rows_linear(weight: torch.Tensor, bias: torch.Tensor | None, activatio
                       ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A :class:`SmallRowsLinear` when the native kernels are built and can take the weight
     (CPU fp32, 2-d, no autograd), else ``fallback()``. ``activation``: a key of
-    :data:`attention.packed.ACTIVATIONS` or None."""
+    :data:`polytask.attention.packed.ACTIVATIONS` or None."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of "
                          f"{', '.join(ACTIVATIONS)} or None")

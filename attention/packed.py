@@ -21,7 +21,7 @@ tensors, a 2-d weight of at least :data:`MIN_WEIGHT_NUMEL` entries and an input 
 
 * with autograd (training): :class:`_OneDNNLinear`, the forward product and the input
   gradient in oneDNN with the plain weight, the weight gradient with torch's ``mm``;
-* without, inside a :func:`packed_weights` block (``core.generation.generate``,
+* without, inside a :func:`packed_weights` block (``polytask.core.decoding.generation.generate``,
   ``beam_search`` and ``sequence_log_probs`` open one): the packed weight, the activation in
   the GEMM;
 * without, outside a block: the plain weight, the activation in the GEMM.
@@ -237,7 +237,7 @@ def reusable_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
                     activation: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> act(F.linear(x, weight, bias))`` (``act`` as in :func:`linear`) for many calls
     without autograd while the weight does not change (the chunks of
-    :func:`losses.linear_ce.linear_cross_entropy`, a :class:`core.decoding_step.DecodingStep`):
+    :func:`polytask.losses.linear_ce.linear_cross_entropy`, a :class:`polytask.core.decoding.step.DecodingStep`):
     with ``weight`` packed for oneDNN once, here, when :func:`linear` would use oneDNN for an
     input of the weight's dtype and device."""
     if activation is not None and activation not in ACTIVATIONS:

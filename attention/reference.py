@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from einops import einsum
 
-from attention.masks import combine
+from polytask.attention.masks import combine
 
 
 def reference_attention(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attention.masks import combine
+from polytask.attention.masks import combine
 
 
 def sdpa_attention(
@@ -21,7 +21,7 @@ def sdpa_attention(
     dropout_p: float = 0.0,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Shapes as :func:`attention.reference.reference_attention`; returns ``(b, h, i, e)``."""
+    """Shapes as :func:`polytask.attention.reference.reference_attention`; returns ``(b, h, i, e)``."""
     lq, lk = q.shape[-2], k.shape[-2]
     if mask is None and bias is None:
         # PyTorch's is_causal is top-left aligned; it agrees with ours only when lq == lk.

@@ -1,7 +1,7 @@
 """The optional ``"triton"`` backend: fused flash attention, forward and backward.
 
 How the kernels work (tiling, online softmax, recomputing ``P`` from the log-sum-exp) is
-explained in :mod:`attention.triton_kernels`. This module is the PyTorch side: it checks what
+explained in :mod:`polytask.attention.triton_kernels`. This module is the PyTorch side: it checks what
 the kernels can do (:func:`unsupported_reason`), launches them, and wraps them in a
 ``torch.autograd.Function`` so that ``loss.backward()`` runs the fused backward.
 
@@ -37,7 +37,7 @@ def default_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def _interpreting() -> bool:
     """True if the kernels are (or, once imported, will be) run by Triton's CPU interpreter."""
-    loaded = sys.modules.get("attention.triton_kernels")
+    loaded = sys.modules.get("polytask.attention.triton_kernels")
     if loaded is not None:  # the decision was taken when the kernels were decorated
         return type(loaded.flash_fwd_kernel).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -58,7 +58,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        dropout_p: float = 0.0, bias: torch.Tensor | None = None) -> str | None:
     """Why the Triton kernels cannot run these arguments, or ``None`` if they can.
 
-    Shapes as in :mod:`attention.functional`: q ``(b, h, i, d)``, k/v ``(b, hk, j, d)`` with
+    Shapes as in :mod:`polytask.attention.functional`: q ``(b, h, i, d)``, k/v ``(b, hk, j, d)`` with
     ``h % hk == 0``; ``mask`` must be a per-example key mask, broadcastable as ``(b, 1, 1, j)``.
     """
     if importlib.util.find_spec("triton") is None:
@@ -126,7 +126,7 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, causal: bool, scale: float, block_m: int, block_n: int):
-        from attention.triton_kernels import flash_fwd_kernel
+        from polytask.attention.triton_kernels import flash_fwd_kernel
         (b, h, lq, d), (_, hk, lk, _) = q.shape, k.shape
         o = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(b * h, lq, device=q.device, dtype=torch.float32)
@@ -142,7 +142,7 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels' backward is not differentiable
     def backward(ctx, do):
-        from attention.triton_kernels import (flash_bwd_delta_kernel, flash_bwd_dkdv_kernel,
+        from polytask.attention.triton_kernels import (flash_bwd_delta_kernel, flash_bwd_dkdv_kernel,
                                               flash_bwd_dq_kernel)
         q, k, v, key_mask, o, lse = ctx.saved_tensors
         causal, scale, block_m, block_n = ctx.args
@@ -186,7 +186,7 @@ def triton_attention(
 
     Args: q ``(b, h, i, d)``; k, v ``(b, hk, j, d)`` with ``h % hk == 0`` (not expanded: query
     head ``h`` uses key/value head ``h // (h // hk)``); ``mask`` bool broadcastable as
-    ``(b, 1, 1, j)``, True = may attend (build one with ``attention.masks.key_padding_mask`` or
+    ``(b, 1, 1, j)``, True = may attend (build one with ``polytask.attention.masks.key_padding_mask`` or
     ``lengths_to_mask``); causal is bottom-right aligned. ``block_m``/``block_n`` are the tile
     sizes (powers of two >= 16, default :func:`default_tiles`; tests use 16 to cross several
     tiles on tiny shapes). fp32 inputs use true fp32 matmuls (no TF32); fp16/bf16 accumulate

@@ -17,7 +17,7 @@ Greedy decoding runs ``encoder`` once, ``decoder`` on the start token, then
 ``decoder_with_past`` one token at a time feeding each step's ``present_*`` back as ``past_*``
 (the self-attention KV cache, one pair per decoder layer ``n``). Cross-attention keys and values
 are recomputed from ``memory`` at every step (simpler graphs; costs ``O(s)`` per layer and
-step). Every target position counts as real, as in :func:`core.generation.generate`.
+step). Every target position counts as real, as in :func:`polytask.core.decoding.generation.generate`.
 
 Attention is traced with the ``reference`` backend (plain matmul / softmax ops every ONNX
 runtime has); the model's own backend setting is restored afterwards. ``export.json`` records
@@ -35,9 +35,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from attention.kv_cache import KVCache
-from attention.multihead import MultiHeadAttention
-from core.transformer import EncoderDecoder
+from polytask.attention.kv_cache import KVCache
+from polytask.attention.multihead import MultiHeadAttention
+from polytask.core.model.transformer import EncoderDecoder
 
 
 class _ConcatKV(KVCache):
@@ -215,7 +215,7 @@ def check_onnx(model: EncoderDecoder, out_dir: str | Path, *, atol: float = 1e-4
 def onnx_greedy(out_dir: str | Path, src_ids: torch.Tensor, src_mask: torch.Tensor, *,
                 bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int = 32) -> torch.Tensor:
     """Greedy decoding with the exported graphs only (onnxruntime), as the module docstring
-    describes; returns ``(b, t)`` tokens in the format of :func:`core.generation.generate`."""
+    describes; returns ``(b, t)`` tokens in the format of :func:`polytask.core.decoding.generation.generate`."""
     import numpy as np
     import onnxruntime as ort
 
@@ -244,13 +244,13 @@ def onnx_greedy(out_dir: str | Path, src_ids: torch.Tensor, src_mask: torch.Tens
 
 
 def export_onnx(run_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> list[Path]:
-    """Export a polytask run (``core.train.load_run``): one directory ``out_dir/<task>/`` per
+    """Export a polytask run (``polytask.experiments.train.load_run``): one directory ``out_dir/<task>/`` per
     task that runs the decoder (``lm`` and ``rank`` heads), holding that task's
     ``for_task(name)`` view of the multi-task model (:func:`export_model`). Classifier tasks
     stop at the encoder and are skipped. ``tasks`` restricts the export; unknown names raise.
     """
-    from core.train import load_run
-    from heads.model import DECODER_HEADS
+    from polytask.experiments.train import load_run
+    from polytask.heads.model import DECODER_HEADS
 
     _, _, _, model = load_run(Path(run_dir))
     known = {t.name: t for t in model.tasks}

@@ -29,10 +29,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from core.checkpoint import latest_checkpoint
-from experiments import report
-from experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
-from experiments.runs import metric_names, train_run
+from polytask.core.training.checkpoint import latest_checkpoint
+from polytask.experiments import report
+from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
+from polytask.experiments.runs import metric_names, train_run
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -71,9 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from experiments.config import RunConfig, load_config
-    from experiments.runs import train_run
-    from core.checkpoint import read_json
+    from polytask.experiments.config import RunConfig, load_config
+    from polytask.experiments.runs import train_run
+    from polytask.core.training.checkpoint import read_json
 
     if args.resume:
         if args.config:
@@ -92,18 +92,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from core.train import evaluate_run
+    from polytask.experiments.train import evaluate_run
     print(json.dumps(evaluate_run(Path(args.run_dir), split=args.split), indent=2))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from core.train import generate_text
+    from polytask.experiments.train import generate_text
     print(generate_text(Path(args.run_dir), args.task, args.input, method=args.method,
                         max_new_tokens=args.max_new_tokens))
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
-    from experiments.ablate import ablate
+    from polytask.experiments.ablate import ablate
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     paths = ablate(args.config, out, args.overrides, progress=not args.no_progress,
                    jobs=args.jobs, threads=args.threads)
@@ -112,12 +112,12 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from experiments.bench import main as bench_main
+    from polytask.experiments.bench import main as bench_main
     bench_main(args.rest)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from core.export import export_onnx
+    from polytask.core.export import export_onnx
     for path in export_onnx(Path(args.run_dir), Path(args.onnx)):
         print(path)
 

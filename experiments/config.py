@@ -1,7 +1,7 @@
 """Run configuration: one YAML file, every section a typed dataclass, dotted overrides.
 
 ```yaml
-model:     {d_model: 128, n_heads: 4, ...}     # core.config.ModelConfig
+model:     {d_model: 128, n_heads: 4, ...}     # polytask.core.model.config.ModelConfig
 tasks:     tiny                                # a built-in suite name, or a list of task specs
 sharing:   {strategy: hard}                    # heads.SharingConfig
 weighting: {method: static}                    # losses.get_weighting(method)(**options)
@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config import ModelConfig, check_fields, from_dict
-from core.tasks import TaskSpec
-from heads.config import SharingConfig
+from polytask.core.model.config import ModelConfig, check_fields, from_dict
+from polytask.core.data.tasks import TaskSpec
+from polytask.heads.config import SharingConfig
 
 
 @dataclass

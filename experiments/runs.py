@@ -4,21 +4,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.tasks import TaskSpec
-from experiments.config import RunConfig
+from polytask.core.data.tasks import TaskSpec
+from polytask.experiments.config import RunConfig
 
 
 def resolve_tasks(cfg: RunConfig) -> list[TaskSpec]:
     """``tasks: <suite name>`` -> the built-in suite's specs; a list is used as given."""
     if isinstance(cfg.tasks, str):
-        from experiments.suite import load_suite
+        from polytask.experiments.suite import load_suite
         return load_suite(cfg.tasks)
     return list(cfg.tasks)
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
               progress: bool = True) -> dict[str, Any]:
-    from core.train import train
+    from polytask.experiments.train import train
     return train(cfg, resolve_tasks(cfg), Path(run_dir), resume=resume, progress=progress)
 
 

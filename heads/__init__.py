@@ -4,13 +4,19 @@
 backbone slot) -> ``build_model`` (a ``MultiTaskModel`` whose shared slots are one module
 object) -> ``MultiTaskObjective`` (per-task losses + soft / adversarial / orthogonality terms).
 """
-from heads.config import STRATEGIES, SharingConfig
-from heads.plan import SharingPlan, make_plan, register_plan, slot_names, strategy_names
-from heads.classifier import ClassifierHead, pool
-from heads.rank import RankHead, label_scores, rank_classify
-from heads.model import MultiTaskModel, MultiTaskOutput, TaskOutput
-from heads.build import build_discriminator, build_model
-from heads.objective import MultiTaskObjective, ObjectiveResult
+
+if not __name__.startswith("polytask."):  # the checkout's folder imported under its bare name
+    raise ImportError(f"import polytask.{__name__}, not {__name__}: the package is installed as "
+                      f"polytask.{__name__} (pip install -e .); a second copy under the bare "
+                      "name would hold second copies of every registry")
+
+from polytask.heads.config import STRATEGIES, SharingConfig
+from polytask.heads.plan import SharingPlan, make_plan, register_plan, slot_names, strategy_names
+from polytask.heads.classifier import ClassifierHead, pool
+from polytask.heads.rank import RankHead, label_scores, rank_classify
+from polytask.heads.model import MultiTaskModel, MultiTaskOutput, TaskOutput
+from polytask.heads.build import build_discriminator, build_model
+from polytask.heads.objective import MultiTaskObjective, ObjectiveResult
 
 __all__ = [
     "STRATEGIES", "SharingConfig", "SharingPlan", "make_plan", "register_plan", "slot_names",

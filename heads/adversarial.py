@@ -2,7 +2,7 @@
 Multi-task Learning for Text Classification", ACL), on top of a sharing plan.
 
 * The task discriminator (``losses.TaskDiscriminator``, built by
-  :func:`heads.build.build_discriminator`) sees the mean-pooled *shared* features — the encoder
+  :func:`polytask.heads.build.build_discriminator`) sees the mean-pooled *shared* features — the encoder
   states after the last slot shared by all tasks — behind a gradient-reversal layer (Ganin &
   Lempitsky 2015). Its cross-entropy (eq. 13) trains the discriminator to tell the tasks apart
   and, reversed, trains the shared layers to make them indistinguishable: a working setup
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from heads.classifier import pool
-from heads.model import MultiTaskOutput
-from losses.adversarial import AdversarialLoss
-from losses.penalties import orthogonality_penalty
+from polytask.heads.classifier import pool
+from polytask.heads.model import MultiTaskOutput
+from polytask.losses.adversarial import AdversarialLoss
+from polytask.losses.penalties import orthogonality_penalty
 
 _adversarial_ce = AdversarialLoss()
 

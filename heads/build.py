@@ -1,6 +1,6 @@
 """``build_model``: wire backbones, plan, heads and discriminator into a ``MultiTaskModel``.
 
-The only place that reads the configs; :class:`heads.model.MultiTaskModel` receives its parts
+The only place that reads the configs; :class:`polytask.heads.model.MultiTaskModel` receives its parts
 (STYLE 4: compose, don't configure internals).
 """
 from __future__ import annotations
@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
-from core.config import ModelConfig
-from core.tasks import TaskSpec
-from core.transformer import EncoderDecoder
-from heads.classifier import ClassifierHead
-from heads.config import SharingConfig
-from heads.cross_stitch import CrossStitch
-from heads.model import MultiTaskModel
-from heads.plan import make_plan
-from heads.rank import RankHead
-from losses.adversarial import GradientReversal, TaskDiscriminator
+from polytask.core.model.config import ModelConfig
+from polytask.core.data.tasks import TaskSpec
+from polytask.core.model.transformer import EncoderDecoder
+from polytask.heads.classifier import ClassifierHead
+from polytask.heads.config import SharingConfig
+from polytask.heads.cross_stitch import CrossStitch
+from polytask.heads.model import MultiTaskModel
+from polytask.heads.plan import make_plan
+from polytask.heads.rank import RankHead
+from polytask.losses.adversarial import GradientReversal, TaskDiscriminator
 
 
 def build_discriminator(sharing: SharingConfig, d_model: int, n_tasks: int) -> TaskDiscriminator:

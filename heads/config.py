@@ -1,6 +1,6 @@
 """``SharingConfig``: the ``sharing:`` section of a run config, as a strict dataclass.
 
-Parameter sharing is one mechanism (see :mod:`heads.plan`); this config only says which plan to
+Parameter sharing is one mechanism (see :mod:`polytask.heads.plan`); this config only says which plan to
 build and with which options:
 
 * ``strategy``: ``none`` (single-task baselines: a task shares nothing), ``hard`` (the whole
@@ -9,7 +9,7 @@ build and with which options:
   ``shared_layers`` of each stack shared by all tasks, the next ``group_layers`` by task group,
   the rest by one task; Ruder 2017, Vandenhende et al. 2019 "branched" networks).
 * ``cross_stitch`` (``none`` / ``soft`` only): learned linear combinations of the task
-  columns' activations after every layer (Misra et al. 2016, :mod:`heads.cross_stitch`).
+  columns' activations after every layer (Misra et al. 2016, :mod:`polytask.heads.cross_stitch`).
 * ``lm_head``: one LM head for all tasks (``shared``) or one per task (``per_task``).
 * classifier head: pooling ``mean`` (over real tokens) or ``first`` token, then an MLP with
   ``classifier_hidden`` units (``None``: d_model).
@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from core.config import check_fields, from_dict
+from polytask.core.model.config import check_fields, from_dict
 
 STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
 
@@ -36,7 +36,7 @@ class SharingConfig:
 
     ``shared_layers`` and ``group_layers`` are counted from the bottom of each stack (encoder
     and decoder alike) and only used by ``hierarchical``; they are checked against the layer
-    counts of the model when the plan is built (:func:`heads.plan.make_plan`).
+    counts of the model when the plan is built (:func:`polytask.heads.plan.make_plan`).
     """
 
     strategy: str = "hard"
@@ -56,7 +56,7 @@ class SharingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "sharing")
-        from heads.plan import strategy_names  # the registry lives with the plans
+        from polytask.heads.plan import strategy_names  # the registry lives with the plans
         if self.strategy not in strategy_names():
             raise ValueError(f"sharing.strategy = {self.strategy!r} is invalid: expected one of "
                              f"{', '.join(repr(n) for n in strategy_names())} (register more with "

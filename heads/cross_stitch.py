@@ -19,10 +19,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from core.transformer import DecoderCache
+from polytask.core.model.transformer import DecoderCache
 
-if TYPE_CHECKING:  # annotations only: heads.model imports this module
-    from heads.model import MultiTaskModel
+if TYPE_CHECKING:  # annotations only: polytask.heads.model imports this module
+    from polytask.heads.model import MultiTaskModel
 
 
 class CrossStitch(nn.Module):
@@ -64,7 +64,7 @@ def decode_columns(model: "MultiTaskModel", tgt: torch.Tensor, tgt_mask: torch.T
     """All task columns: ``tgt (b, t)``, ``memory (k, b, s, d)`` -> hidden ``(k, b, t, d)``.
 
     With ``caches`` (one :class:`DecoderCache` per column) only the new positions are given and
-    the caches grow, as in :meth:`core.transformer.Decoder.forward`.
+    the caches grow, as in :meth:`polytask.core.model.transformer.Decoder.forward`.
     """
     views = [model.for_column(n) for n in model.plan.tasks]
     start = caches[0].length if caches else 0

@@ -1,14 +1,14 @@
 """``MultiTaskModel``: one encoder-decoder per task, wired so that tasks share modules as the
-sharing plan says (:func:`heads.build.build_model` assembles it from the run config).
+sharing plan says (:func:`polytask.heads.build.build_model` assembles it from the run config).
 
-How sharing is built (one mechanism for every strategy, :mod:`heads.plan`): every task gets
-its own :class:`core.transformer.EncoderDecoder` (its *view*); then, slot by slot, all views of
+How sharing is built (one mechanism for every strategy, :mod:`polytask.heads.plan`): every task gets
+its own :class:`polytask.core.model.transformer.EncoderDecoder` (its *view*); then, slot by slot, all views of
 a group are made to hold the SAME module object — the one of the group's first task. A task's
 view is therefore a complete EncoderDecoder routed through exactly that task's modules
-(``for_task``), and a mixed batch routes rows slot by slot (:mod:`heads.routing`), so a
+(``for_task``), and a mixed batch routes rows slot by slot (:mod:`polytask.heads.routing`), so a
 shared layer runs once on all of its tasks' rows.
 
-Which modules of an EncoderDecoder make up each slot: :mod:`heads.slots`.
+Which modules of an EncoderDecoder make up each slot: :mod:`polytask.heads.slots`.
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.batch import Batch
-from core.tasks import TaskSpec
-from core.transformer import EncoderDecoder
-from heads.cross_stitch import CrossStitch, CrossStitchView, decode_columns, encode_columns
-from heads.plan import SharingPlan, slot_names
-from heads.rank import RankHead
-from heads.routing import decode_mixed, encode_mixed
-from heads.slots import get_slot, set_slot
-from losses.adversarial import TaskDiscriminator
-from losses.penalties import soft_sharing_penalty
+from polytask.core.data.batch import Batch
+from polytask.core.data.tasks import TaskSpec
+from polytask.core.model.transformer import EncoderDecoder
+from polytask.heads.cross_stitch import CrossStitch, CrossStitchView, decode_columns, encode_columns
+from polytask.heads.plan import SharingPlan, slot_names
+from polytask.heads.rank import RankHead
+from polytask.heads.routing import decode_mixed, encode_mixed
+from polytask.heads.slots import get_slot, set_slot
+from polytask.losses.adversarial import TaskDiscriminator
+from polytask.losses.penalties import soft_sharing_penalty
 
 DECODER_HEADS = ("lm", "rank")  # heads that run the decoder; "classifier" stops at the encoder
 
@@ -165,9 +165,9 @@ class MultiTaskModel(nn.Module):
             loose = [n for n, p in view.named_parameters() if id(p) not in registered]
             if loose:
                 raise RuntimeError(f"view of task {name!r} has parameters outside every plan "
-                                   f"slot: {loose}; heads.model must map them to a slot")
+                                   f"slot: {loose}; polytask.heads.model must map them to a slot")
 
-    # --- plan lookups (used by heads.routing) ------------------------------------------------
+    # --- plan lookups (used by polytask.heads.routing) ------------------------------------------------
     def module(self, slot: str, k: int) -> nn.Module:
         return self.slots[slot.replace(".", "_")][k]
 

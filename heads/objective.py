@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-import losses
-from core.batch import IGNORE_INDEX, Batch
-from core.tasks import TaskSpec
-from heads.adversarial import adversarial_loss, orthogonality_loss
-from heads.config import SharingConfig
-from heads.model import MultiTaskModel, MultiTaskOutput
+from polytask import losses
+from polytask.core.data.batch import IGNORE_INDEX, Batch
+from polytask.core.data.tasks import TaskSpec
+from polytask.heads.adversarial import adversarial_loss, orthogonality_loss
+from polytask.heads.config import SharingConfig
+from polytask.heads.model import MultiTaskModel, MultiTaskOutput
 
 
 @dataclass

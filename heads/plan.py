@@ -4,7 +4,7 @@ A slot is one module position of the encoder-decoder: ``embedding``, ``encoder.0
 ``encoder.{n-1}``, ``encoder.norm``, ``decoder.0`` ... ``decoder.norm``, ``lm_head``. For each
 slot the plan holds a partition of the task names into groups; every group gets ONE module
 object and rows of a mixed batch are routed to the module of their group
-(:mod:`heads.routing`). The strategies differ only in the partitions:
+(:mod:`polytask.heads.routing`). The strategies differ only in the partitions:
 
 =============  ==============================================================================
 none           every slot private: ``{a}, {b}, ...`` (single-task baselines, embeddings too)
@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from core.config import ModelConfig
-from core.tasks import TaskSpec
-from heads.config import STRATEGIES, SharingConfig
+from polytask.core.model.config import ModelConfig
+from polytask.core.data.tasks import TaskSpec
+from polytask.heads.config import STRATEGIES, SharingConfig
 
 Group = frozenset[str]
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from einops import repeat
 
-from core.transformer import EncoderDecoder
+from polytask.core.model.transformer import EncoderDecoder
 
 NORMALIZATIONS = ("sum", "mean")
 

@@ -3,8 +3,8 @@
 Every layer of the backbone works row by row (attention never mixes rows), so a layer shared
 by tasks {a, b} may run once on all their rows while a private layer of task c runs on c's
 rows only. :func:`route` does the index_select / run / scatter-back; :func:`encode_mixed` and
-:func:`decode_mixed` are the stack loops of :class:`core.transformer.Encoder` and ``Decoder``
-with one :func:`route` per slot of the sharing plan (:mod:`heads.plan`). The per-stack inputs
+:func:`decode_mixed` are the stack loops of :class:`polytask.core.model.transformer.Encoder` and ``Decoder``
+with one :func:`route` per slot of the sharing plan (:mod:`polytask.heads.plan`). The per-stack inputs
 (position bias, rope) come from the ``embedding`` slot, whose partition every layer refines.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-if TYPE_CHECKING:  # imported for annotations only: avoids an import cycle with heads.model
-    from heads.model import MultiTaskModel
+if TYPE_CHECKING:  # imported for annotations only: avoids an import cycle with polytask.heads.model
+    from polytask.heads.model import MultiTaskModel
 
 Rows = torch.Tensor | slice  # a LongTensor of row indices, or slice(None) for all rows
 
@@ -98,7 +98,7 @@ def decode_mixed(model: "MultiTaskModel", tgt_in: torch.Tensor, tgt_mask: torch.
                  memory: torch.Tensor, src_mask: torch.Tensor, row_task: torch.Tensor
                  ) -> torch.Tensor:
     """Decoder (teacher forcing, no cache) over a mixed batch -> hidden ``(b, t, d)`` after
-    each row's final norm. Shapes as in :meth:`core.transformer.EncoderDecoder.decode`."""
+    each row's final norm. Shapes as in :meth:`polytask.core.model.transformer.EncoderDecoder.decode`."""
 
     def embed(k: int, rows: Rows) -> torch.Tensor:
         view = model.group_view("embedding", k)

@@ -1,4 +1,4 @@
-"""Plan slots <-> the modules of a :class:`core.transformer.EncoderDecoder`.
+"""Plan slots <-> the modules of a :class:`polytask.core.model.transformer.EncoderDecoder`.
 
 ``encoder.i`` / ``decoder.i`` are ``encoder.layers[i]`` / ``decoder.layers[i]``;
 ``encoder.norm`` / ``decoder.norm`` the stacks' final norms; ``lm_head`` the output projection
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from core.transformer import EncoderDecoder
+from polytask.core.model.transformer import EncoderDecoder
 
 
 class InputModules(nn.Module):

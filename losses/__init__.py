@@ -9,16 +9,22 @@ registered name::
 Built-in losses: ``ce``, ``generative``, ``adversarial``, ``orthogonality``, ``soft_sharing``.
 Built-in weightings: ``static``, ``uncertainty``, ``gradnorm``, ``dwa``, ``pcgrad``, ``famo``.
 """
-from losses.registry import LOSSES, WEIGHTINGS, get, get_weighting, register, register_weighting
+
+if not __name__.startswith("polytask."):  # the checkout's folder imported under its bare name
+    raise ImportError(f"import polytask.{__name__}, not {__name__}: the package is installed as "
+                      f"polytask.{__name__} (pip install -e .); a second copy under the bare "
+                      "name would hold second copies of every registry")
+
+from polytask.losses.registry import LOSSES, WEIGHTINGS, get, get_weighting, register, register_weighting
 
 # Importing the modules registers their entries.
-from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
-from losses.generative import GenerativeLoss  # noqa: E402
-from losses.adversarial import (AdversarialLoss, GradientReversal, TaskDiscriminator,  # noqa: E402
+from polytask.losses.cross_entropy import CrossEntropyLoss  # noqa: E402
+from polytask.losses.generative import GenerativeLoss  # noqa: E402
+from polytask.losses.adversarial import (AdversarialLoss, GradientReversal, TaskDiscriminator,  # noqa: E402
                                 ganin_lambda, grad_reverse)
-from losses.penalties import (OrthogonalityPenalty, SoftSharingPenalty,  # noqa: E402
+from polytask.losses.penalties import (OrthogonalityPenalty, SoftSharingPenalty,  # noqa: E402
                               orthogonality_penalty, soft_sharing_penalty)
-from losses.weighting import Weighting, task_gradients  # noqa: E402
+from polytask.losses.weighting import Weighting, task_gradients  # noqa: E402
 
 __all__ = [
     "LOSSES", "WEIGHTINGS", "get", "get_weighting", "register", "register_weighting",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.registry import register
+from polytask.losses.registry import register
 
 
 class _ReverseGrad(torch.autograd.Function):

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.batch import IGNORE_INDEX
-from losses.registry import register
+from polytask.core.data.batch import IGNORE_INDEX
+from polytask.losses.registry import register
 
 
 def smoothed_nll(logits: Tensor, target: Tensor, *, weight: Tensor | None = None,
@@ -74,7 +74,7 @@ class CrossEntropyLoss(nn.Module):
 
     Args:
         weight: optional per-class weights, length C.
-        ignore_index: target value with no loss (default ``core.batch.IGNORE_INDEX``).
+        ignore_index: target value with no loss (default ``polytask.core.data.batch.IGNORE_INDEX``).
         label_smoothing: eps, spread uniformly over all C classes (PyTorch convention).
         reduction: ``mean`` (weighted mean over labelled rows) or ``sum``.
 

@@ -9,7 +9,7 @@ differently:
 * ``sequence``: sum of token losses per sequence, then mean over the sequences that have at
   least one target token — each example weighs the same, its loss is its full log-likelihood.
 
-Label smoothing follows the same convention as :mod:`losses.cross_entropy` (PyTorch's).
+Label smoothing follows the same convention as :mod:`polytask.losses.cross_entropy` (PyTorch's).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attention.packed import plain_linear
-from core.batch import IGNORE_INDEX
-from core.transformer import EncoderDecoder
-from losses.cross_entropy import check_smoothing, smoothed_nll
-from losses.linear_ce import linear_cross_entropy
-from losses.registry import register
+from polytask.attention.packed import plain_linear
+from polytask.core.data.batch import IGNORE_INDEX
+from polytask.core.model.transformer import EncoderDecoder
+from polytask.losses.cross_entropy import check_smoothing, smoothed_nll
+from polytask.losses.linear_ce import linear_cross_entropy
+from polytask.losses.registry import register
 
 
 def fusable_head(lm: Any) -> nn.Linear | None:
@@ -78,7 +78,7 @@ class GenerativeLoss(nn.Module):
 
     def from_hidden(self, hidden: Tensor, lm: Any, labels: Tensor) -> Tensor:
         """The same loss as ``self(lm.logits(hidden), labels)``, computed from the final decoder
-        states ``(n, t, d)`` by :func:`losses.linear_ce.linear_cross_entropy` without holding the
+        states ``(n, t, d)`` by :func:`polytask.losses.linear_ce.linear_cross_entropy` without holding the
         ``(n, t, V)`` logits when ``lm``'s head allows it (:func:`fusable_head`), else by that
         obvious twin."""
         head = fusable_head(lm)

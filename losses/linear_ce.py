@@ -17,7 +17,7 @@ which is immediately multiplied into the gradients of ``h`` (``dz W``), ``W`` (`
 ``b`` (``Σ dz``). Those are kept for backward, which only scales them by the incoming gradient.
 The matmul FLOPs are the same as the twin's (one forward and two backward GEMMs); what is saved
 is the memory traffic and the allocations. The chunks' forward GEMMs go through
-:func:`attention.packed.reusable_linear` (oneDNN, with ``W`` packed once per call: on the
+:func:`polytask.attention.packed.reusable_linear` (oneDNN, with ``W`` packed once per call: on the
 benchmark machine a ``(524, 256) x (256, 8000)`` chunk took 11 ms against MKL's 20 ms). Rows whose target is ``ignore_index`` (padding) are
 dropped before the GEMMs, which the twin cannot do.
 
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attention.packed import reusable_linear
-from core.batch import IGNORE_INDEX
+from polytask.attention.packed import reusable_linear
+from polytask.core.data.batch import IGNORE_INDEX
 
 #: rows per chunk are chosen so that one chunk of logits holds about this many elements (4 Mi
 #: floats = 16 MB in fp32). Measured on a (2048, 256) x 8000 head, forward + backward, 2 threads:
@@ -118,7 +118,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         token_weight: ``(...)`` float weight of each row's loss (e.g. ``1 / n_tokens`` for a
             token mean); ignored rows contribute nothing whatever their weight.
         smoothing: label smoothing eps in [0, 1) (PyTorch's convention, see
-            :mod:`losses.cross_entropy`).
+            :mod:`polytask.losses.cross_entropy`).
         chunk: rows per chunk (default :func:`default_chunk`).
     Returns the scalar weighted sum; differentiable w.r.t. hidden, weight and bias.
     """

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from losses.registry import register
+from polytask.losses.registry import register
 
 
 def orthogonality_penalty(shared: Tensor, private: Tensor) -> Tensor:

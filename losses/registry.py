@@ -4,7 +4,7 @@ A run config names its losses (``TaskSpec.loss``) and its weighting (``weighting
 the names registered here; nothing is imported by string. An experiment script adds its own
 loss without touching the library::
 
-    import losses
+    from polytask import losses
 
     @losses.register("focal")
     class FocalLoss(nn.Module):

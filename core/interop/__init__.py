@@ -1,17 +1,17 @@
 """Load Hugging Face T5 and BART weights into a polytask :class:`EncoderDecoder`.
 
-    from core.interop import from_hf
+    from polytask.core.interop import from_hf
     model = from_hf(hf_model)                      # a transformers T5/BART model object
     model = from_hf("path/to/dir")                 # config.json + model.safetensors
     model = from_hf(state_dict, hf_config)         # tensors + config (dict or PretrainedConfig)
 
 Every architectural difference is expressed through :class:`ModelConfig` (see
-:mod:`core.interop.t5` and :mod:`core.interop.bart` for the option each feature maps to);
+:mod:`polytask.core.interop.t5` and :mod:`polytask.core.interop.bart` for the option each feature maps to);
 the model code has no T5 or BART special case. The result is numerically the Hugging Face
 model (tests/core/test_interop.py checks logits, KV-cached decoding and greedy generation
 against ``transformers``). Nothing is downloaded.
 
-Loading is strict, like :func:`core.checkpoint.load_weights`: tensors the model needs but the
+Loading is strict, like :func:`polytask.core.training.checkpoint.load_weights`: tensors the model needs but the
 source lacks, tensors the source has but the model cannot use, and tensors of the wrong shape
 are all listed in one ``ValueError``. The only tolerated differences are the ones
 ``transformers`` itself tolerates: stacks' copies of the tied embedding, a tied LM head, T5's
@@ -28,9 +28,9 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import check_state
-from core.interop import bart, t5
-from core.transformer import EncoderDecoder
+from polytask.core.training.checkpoint import check_state
+from polytask.core.interop import bart, t5
+from polytask.core.model.transformer import EncoderDecoder
 
 FAMILIES: dict[str, ModuleType] = {"t5": t5, "bart": bart}
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from core.config import ModelConfig
-from core.interop.rules import apply_rules, first
+from polytask.core.model.config import ModelConfig
+from polytask.core.interop.rules import apply_rules, first
 
 # HF ``ACT2FN`` names -> ours (``gelu`` is the exact erf GELU there as here).
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from core.config import ModelConfig
-from core.interop.rules import apply_rules, first
+from polytask.core.model.config import ModelConfig
+from polytask.core.interop.rules import apply_rules, first
 
 # (is_gated, HF dense_act_fn) -> polytask activation. Sources: HF ``T5Config.__post_init__``
 # (``feed_forward_proj = "[gated-]ACT"``; "gated-gelu" means ``gelu_new``) and ``ACT2FN``

@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import nn
 
-from core.peft.adapters import AdaptedLinear, BottleneckAdapter
-from core.peft.lora import LoRALinear, merge_lora, unmerge_lora, unwrap_lora
-from core.peft.prompt import PromptTuning
+from polytask.core.peft.adapters import AdaptedLinear, BottleneckAdapter
+from polytask.core.peft.lora import LoRALinear, merge_lora, unmerge_lora, unwrap_lora
+from polytask.core.peft.prompt import PromptTuning
 
 __all__ = ["apply_peft", "PEFT_METHODS", "trainable_parameter_names", "LoRALinear", "merge_lora",
            "unmerge_lora", "unwrap_lora", "AdaptedLinear", "BottleneckAdapter", "PromptTuning"]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from core.peft.frozen import FrozenLinear
+from polytask.core.peft.frozen import FrozenLinear
 
 
 class LoRALinear(FrozenLinear):

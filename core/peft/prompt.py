@@ -3,9 +3,9 @@ Parameter-Efficient Prompt Tuning", section 2): ``n`` learned embeddings are pre
 embedded encoder input; the backbone stays frozen.
 
 :class:`PromptTuning` wraps a model that exposes ``embed(ids) -> (b, s, d)`` and
-``encoder(x, src_mask) -> (b, s, d)`` (as :class:`core.transformer.EncoderDecoder` does) and
+``encoder(x, src_mask) -> (b, s, d)`` (as :class:`polytask.core.model.transformer.EncoderDecoder` does) and
 offers the generation interface (``encode``, ``decode``, ``logits``, ``new_cache``,
-``forward``), so :func:`core.generation.generate` and training code use it unchanged.
+``forward``), so :func:`polytask.core.decoding.generation.generate` and training code use it unchanged.
 
 How it composes with decoding: ``encode`` returns memory ``(b, n + s, d)``, whose first ``n``
 positions are the prompt. Callers keep passing the *original* ``src_mask`` ``(b, s)`` to

@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 
 SUBCOMMANDS = {
-    "attention": "experiments.bench.attention",
-    "train": "experiments.bench.train",
-    "decode": "experiments.bench.decode",
-    "triton": "experiments.bench.triton_gpu",
+    "attention": "polytask.experiments.bench.attention",
+    "train": "polytask.experiments.bench.train",
+    "decode": "polytask.experiments.bench.decode",
+    "triton": "polytask.experiments.bench.triton_gpu",
 }
 
 

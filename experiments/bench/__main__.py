@@ -1,6 +1,6 @@
-"""``python -m experiments.bench attention`` (same as ``polytask bench attention``)."""
+"""``python -m polytask.experiments.bench attention`` (same as ``polytask bench attention``)."""
 import sys
 
-from experiments.bench import main
+from polytask.experiments.bench import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Benchmark of the attention backends: time and peak memory of forward + backward.
 
-    python -m experiments.bench.attention                  # B=8, H=8, D=64, causal, L=128/512/1024
-    python -m experiments.bench.attention --lengths 256 --block-size 64 128
+    python -m polytask.experiments.bench.attention                  # B=8, H=8, D=64, causal, L=128/512/1024
+    python -m polytask.experiments.bench.attention --lengths 256 --block-size 64 128
 
 For every backend and length it prints the best-of-``repeats`` wall time of one forward and
 backward pass, the peak memory that pass allocated beyond its inputs, and both as ratios to
@@ -24,9 +24,9 @@ from typing import Callable, TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attention.chunked import DEFAULT_BLOCK, chunked_attention
-from attention.reference import reference_attention
-from attention.sdpa import sdpa_attention
+from polytask.attention.chunked import DEFAULT_BLOCK, chunked_attention
+from polytask.attention.reference import reference_attention
+from polytask.attention.sdpa import sdpa_attention
 
 T = TypeVar("T")
 

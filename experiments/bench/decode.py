@@ -1,9 +1,9 @@
 """Greedy-decoding benchmark: polytask's KV-cache ``generate`` against Hugging Face ``generate``.
 
     polytask bench decode                          # target size, batch 16, source 128, out 32/256
-    python -m experiments.bench.decode --size toy --lengths 4 8 --repeats 1
+    python -m polytask.experiments.bench.decode --size toy --lengths 4 8 --repeats 1
 
-Both models have the same size (see :mod:`experiments.bench.peers`), run in ``eval()`` under
+Both models have the same size (see :mod:`polytask.experiments.bench.peers`), run in ``eval()`` under
 ``torch.no_grad``, greedy, with a KV cache (HF: ``use_cache=True, num_beams=1,
 do_sample=False``), on the same random sources without padding. Neither may stop early: HF gets
 ``min_new_tokens = max_new_tokens``, polytask an end id no token has (``eos_id=-1``), so both
@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from attention.packed import packed_weights
-from core.generation import generate
-from experiments.bench.attention import round_robin
-from experiments.bench.flops import CLOCKS
-from experiments.bench.peers import SIZES, Size, build_all
+from polytask.attention.packed import packed_weights
+from polytask.core.decoding.generation import generate
+from polytask.experiments.bench.attention import round_robin
+from polytask.experiments.bench.flops import CLOCKS
+from polytask.experiments.bench.peers import SIZES, Size, build_all
 
 
 TIMER = {"clock": time.perf_counter}
@@ -41,7 +41,7 @@ TIMER = {"clock": time.perf_counter}
 def _round_robin(fns: dict[str, Callable[[], torch.Tensor]], repeats: int
                  ) -> dict[str, tuple[list[float], torch.Tensor]]:
     """Each function's ``repeats`` timed runs (on ``TIMER``'s clock) and its last output, run
-    :func:`experiments.bench.attention.round_robin`."""
+    :func:`polytask.experiments.bench.attention.round_robin`."""
     times, outs = round_robin(list(fns.values()), repeats, TIMER["clock"])
     return {name: (t, out) for name, t, out in zip(fns, times, outs)}
 
@@ -57,7 +57,7 @@ def run(size: Size, lengths: list[int], *, repeats: int = 3, include_hf: bool = 
     ours = models["polytask"]
 
     def encode() -> torch.Tensor:
-        with packed_weights():   # as in generate (attention.packed)
+        with packed_weights():   # as in generate (polytask.attention.packed)
             return ours.encode(src)
 
     encoders = {"polytask": encode}

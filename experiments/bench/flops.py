@@ -1,4 +1,4 @@
-"""Analytic FLOP count of one training step of :class:`core.transformer.EncoderDecoder`, and the
+"""Analytic FLOP count of one training step of :class:`polytask.core.model.transformer.EncoderDecoder`, and the
 fp32 matmul peak it is compared with.
 
 A multiply-add is 2 FLOPs. A linear layer ``y = x W`` with ``W`` ``(n_in, n_out)`` costs
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from core.config import ModelConfig
-from core.feedforward import GATED
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.feedforward import GATED
 
 
 def linear_flops(config: ModelConfig, batch: int, src_len: int, tgt_len: int) -> int:
@@ -77,10 +77,10 @@ def matmul_peak(n: int = 2048, repeats: int = 5, timer=time.perf_counter) -> flo
 
 def onednn_matmul_peak(n: int = 2048, repeats: int = 5, timer=time.perf_counter) -> float | None:
     """The same product through oneDNN with the second matrix pre-packed
-    (:mod:`attention.packed`'s kernel), FLOP/s; None if PyTorch has no oneDNN. On the
+    (:mod:`polytask.attention.packed`'s kernel), FLOP/s; None if PyTorch has no oneDNN. On the
     benchmark machine it beats ``torch.mm`` (MKL), so it is reported next to the mm peak: a
     fraction of the higher of the two is the stricter figure."""
-    from attention import packed
+    from polytask.attention import packed
     if not packed._AVAILABLE:
         return None
     a, b = torch.randn(n, n), torch.randn(n, n)

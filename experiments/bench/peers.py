@@ -6,8 +6,8 @@ polytask the path its training loop takes, which never materialises the logits).
 A peer whose library is missing (or fails to build) is reported by ``build_all`` as
 ``{name: "error text"}`` instead of a contender, never raised.
 
-* ``polytask`` — :class:`core.transformer.EncoderDecoder` with the default (pre-norm,
-  learned positions, GELU, biased) :class:`core.config.ModelConfig` at that size.
+* ``polytask`` — :class:`polytask.core.model.transformer.EncoderDecoder` with the default (pre-norm,
+  learned positions, GELU, biased) :class:`polytask.core.model.config.ModelConfig` at that size.
 * ``hf_t5`` — Hugging Face ``T5ForConditionalGeneration`` (RMSNorm, relative position bias,
   ReLU, no biases, tied embeddings), ``d_kv = d_model // n_heads``; SDPA attention.
 * ``torch`` — ``torch.nn.Transformer`` (pre-norm, GELU, batch-first) plus a token embedding,
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import ModelConfig
-from core.transformer import EncoderDecoder
-from losses.generative import GenerativeLoss
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.transformer import EncoderDecoder
+from polytask.losses.generative import GenerativeLoss
 
 Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,8 +91,8 @@ def polytask_config(size: Size) -> ModelConfig:
 
 def build_polytask(size: Size) -> Contender:
     """polytask's training path: the token-mean ``generative`` loss computed from the decoder
-    states by the chunked LM head + cross-entropy (:mod:`losses.linear_ce`), as the training
-    loop does (``heads.objective``)."""
+    states by the chunked LM head + cross-entropy (:mod:`polytask.losses.linear_ce`), as the training
+    loop does (``polytask.heads.objective``)."""
     model = EncoderDecoder(polytask_config(size))
     criterion = GenerativeLoss()
 

@@ -2,12 +2,12 @@
 
     polytask bench train                       # the target point (d 256, 3+3, b 16, L 128)
     polytask bench train --size large --steps 3 --json train.json
-    python -m experiments.bench.train --size toy --steps 1 --rounds 1   # seconds
+    python -m polytask.experiments.bench.train --size toy --steps 1 --rounds 1   # seconds
 
 One step = ``zero_grad`` + forward + token-mean cross-entropy + backward + AdamW step, fp32,
 on random ids with no padding. Peers compute the logits and ``F.cross_entropy``; polytask takes
 its training loop's path (``GenerativeLoss.from_hidden``: the LM head and the loss in row
-chunks, :mod:`losses.linear_ce`), which never holds the ``(b·t, V)`` logits. polytask uses :func:`core.optim.make_optimizer` (fused AdamW);
+chunks, :mod:`polytask.losses.linear_ce`), which never holds the ``(b·t, V)`` logits. polytask uses :func:`polytask.core.training.optim.make_optimizer` (fused AdamW);
 peers use ``torch.optim.AdamW(model.parameters())`` as their own examples do
 (``--peer-optimizer fused`` gives them the fused kernel too).
 
@@ -20,7 +20,7 @@ step time is the median over all timed steps. tokens/s = ``b·(s + t)`` / step t
 what PyTorch allocates — activations, saved tensors, gradients, workspaces — not the Python heap)
 plus the bytes alive before the step: parameters, buffers and AdamW's two moments.
 
-**FLOPs.** :mod:`experiments.bench.flops` counts polytask's step analytically; achieved FLOP/s
+**FLOPs.** :mod:`polytask.experiments.bench.flops` counts polytask's step analytically; achieved FLOP/s
 (median step) is divided by the fp32 2048² ``torch.mm`` peak measured in the same run: the best
 of 3 mm's after every round, median over the rounds. The same product through oneDNN with a
 packed weight is sampled alongside (on the benchmark machine it is faster than MKL's ``mm``),
@@ -36,10 +36,10 @@ from dataclasses import asdict, replace
 
 import torch
 
-from core.optim import make_optimizer
-from experiments.bench.attention import peak_bytes
-from experiments.bench.flops import CLOCKS, matmul_peak, onednn_matmul_peak, step_flops
-from experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
+from polytask.core.training.optim import make_optimizer
+from polytask.experiments.bench.attention import peak_bytes
+from polytask.experiments.bench.flops import CLOCKS, matmul_peak, onednn_matmul_peak, step_flops
+from polytask.experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
 
 
 def make_step(c: Contender, size: Size, peer_optimizer: str):

@@ -1,6 +1,6 @@
 """Benchmark: the Triton flash-attention kernels on a GPU, in TFLOP/s.
 
-Run: ``python -m experiments.bench triton`` or ``python -m experiments.bench.triton_gpu
+Run: ``python -m polytask.experiments.bench triton`` or ``python -m polytask.experiments.bench.triton_gpu
 [--lengths 1024,2048,4096] [--batch 4] [--heads 16] [--kv-heads 16] [--head-dim 64]
 [--dtype fp16] [--causal] [--peak-tflops 312]``. Without CUDA it says so and exits 0.
 
@@ -67,7 +67,7 @@ def measured_peak_tflops(dtype: torch.dtype, n: int = 8192) -> float:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench triton",
+    p = argparse.ArgumentParser(prog="python -m polytask.experiments.bench triton",
                                 description="TFLOP/s of the Triton flash-attention kernels")
     p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated sequence lengths")
     p.add_argument("--batch", type=int, default=4)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("triton benchmark: needs a CUDA GPU (none found); nothing measured.")
         return 0
-    from attention.triton_flash import triton_attention, unsupported_reason
+    from polytask.attention.triton_flash import triton_attention, unsupported_reason
 
     dtype, b, h, hk, d = DTYPES[args.dtype], args.batch, args.heads, args.kv_heads, args.head_dim
     if args.peak_tflops:

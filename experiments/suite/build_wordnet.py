@@ -6,7 +6,7 @@ Reads the database files of Debian's ``wordnet-base`` package (``index.<pos>`` a
 the package. The output is a deterministic function of the input files and ``--seed``.
 
     apt-get install -y wordnet-base
-    python -m experiments.suite.build_wordnet [--wordnet /usr/share/wordnet] [--seed 0]
+    python -m polytask.experiments.suite.build_wordnet [--wordnet /usr/share/wordnet] [--seed 0]
         [--train 3000] [--eval 300] [--out experiments/suite/data]
 
 Tasks (words are single lower-case lemmas; "first sense" is WordNet's most frequent sense):
@@ -29,8 +29,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from experiments.suite.catalog import LEXNAMES, WN_INSTRUCTIONS as INSTRUCTIONS
-from experiments.suite.writer import DATA_DIR, write_task
+from polytask.experiments.suite.catalog import LEXNAMES, WN_INSTRUCTIONS as INSTRUCTIONS
+from polytask.experiments.suite.writer import DATA_DIR, write_task
 
 POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "r": "adverb"}

@@ -34,7 +34,7 @@ WN_INSTRUCTIONS = {
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """Everything :func:`experiments.suite.load_suite` needs to build one ``TaskSpec``."""
+    """Everything :func:`polytask.experiments.suite.load_suite` needs to build one ``TaskSpec``."""
 
     name: str
     source: str                    # data sub-directory: "synthetic" or "wordnet"

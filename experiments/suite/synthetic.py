@@ -16,9 +16,9 @@ task families used to study transfer (e.g. the algorithmic tasks of Kaiser & Sut
 and the synthetic relatedness studies of Standley et al. 2020).
 
 The data is generated once by this script from a seed and shipped, so that every task, built-in
-or not, goes through :func:`core.data.load_task`:
+or not, goes through :func:`polytask.core.data.task_data.load_task`:
 
-    python -m experiments.suite.synthetic [--seed 0] [--train 2000] [--eval 200] [--out DIR]
+    python -m polytask.experiments.suite.synthetic [--seed 0] [--train 2000] [--eval 200] [--out DIR]
 
 Inputs are unique within a task, and the splits are disjoint.
 """
@@ -29,8 +29,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from experiments.suite.catalog import SYN_INSTRUCTIONS as INSTRUCTIONS
-from experiments.suite.writer import DATA_DIR, write_task
+from polytask.experiments.suite.catalog import SYN_INSTRUCTIONS as INSTRUCTIONS
+from polytask.experiments.suite.writer import DATA_DIR, write_task
 
 Row = dict[str, str]
 

@@ -1,8 +1,8 @@
 """Write a derived task as compact, byte-reproducible gzipped JSONL split files.
 
-Shared by the two build scripts (:mod:`experiments.suite.synthetic`,
-:mod:`experiments.suite.build_wordnet`). Records have the Alpaca / FLAN shape that
-:func:`core.data.load_task` reads. Gzip's header normally stores a timestamp and a file
+Shared by the two build scripts (:mod:`polytask.experiments.suite.synthetic`,
+:mod:`polytask.experiments.suite.build_wordnet`). Records have the Alpaca / FLAN shape that
+:func:`polytask.core.data.task_data.load_task` reads. Gzip's header normally stores a timestamp and a file
 name; both are fixed here so rebuilding gives identical bytes (and a clean ``git diff``).
 """
 from __future__ import annotations

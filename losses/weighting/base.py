@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 
 GRADIENT_REDUCER: "Callable[[Tensor], Tensor] | None" = None
-"""Set by the training loop under data parallelism (:func:`core.distributed.average`):
+"""Set by the training loop under data parallelism (:func:`polytask.core.training.distributed.average`):
 applied to the ``(k, P)`` per-task gradients so every rank's surgery sees the global batch."""
 
 

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from losses.registry import register_weighting
-from losses.weighting.base import Weighting, weighted_sum
+from polytask.losses.registry import register_weighting
+from polytask.losses.weighting.base import Weighting, weighted_sum
 
 
 @register_weighting("dwa")

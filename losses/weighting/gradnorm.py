@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from losses.registry import register_weighting
-from losses.weighting.base import Weighting, run_backward, task_gradients, weighted_sum
+from polytask.losses.registry import register_weighting
+from polytask.losses.weighting.base import Weighting, run_backward, task_gradients, weighted_sum
 
 
 @register_weighting("gradnorm")

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from losses.registry import register_weighting
-from losses.weighting.base import Weighting, add_flat_grad, run_backward, task_gradients, weighted_sum
+from polytask.losses.registry import register_weighting
+from polytask.losses.weighting.base import Weighting, add_flat_grad, run_backward, task_gradients, weighted_sum
 
 
 def project_conflicting(grads: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from losses.registry import register_weighting
-from losses.weighting.base import Weighting
+from polytask.losses.registry import register_weighting
+from polytask.losses.weighting.base import Weighting
 
 
 @register_weighting("uncertainty")

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.functional import BACKENDS, scaled_dot_product_attention
+from polytask.attention.functional import BACKENDS, scaled_dot_product_attention
 
 BACKEND_NAMES = ["reference", "chunked", "sdpa"]
 
 
 def _need(backend: str) -> None:
     if backend not in BACKENDS:
-        pytest.skip(f"backend {backend!r} is not registered in attention.functional.BACKENDS")
+        pytest.skip(f"backend {backend!r} is not registered in polytask.attention.functional.BACKENDS")
 
 
 def _full_mask(mask, causal, b, h, lq, lk):
@@ -202,7 +202,7 @@ def test_chunked_refuses_dropout():
 def test_broadcast_check_agrees_with_torch():
     import itertools
 
-    from attention.functional import _broadcasts
+    from polytask.attention.functional import _broadcasts
     target = (2, 3, 4, 5)
     for n in range(6):
         for shape in itertools.product((1, 2, 3, 4, 5, 6), repeat=n):

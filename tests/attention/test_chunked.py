@@ -4,13 +4,13 @@ Its values and gradients against the fp64 oracle and PyTorch are in ``test_backe
 ``torch.autograd.gradcheck`` of the hand-written backward, independence of the block size, the
 causal block skipping, and saved-for-backward memory that grows linearly in length where the
 reference's grows quadratically (counted with autograd's saved-tensor hooks, so deterministic).
-Peak memory and time are measured by ``python -m experiments.bench.attention``, not asserted.
+Peak memory and time are measured by ``python -m polytask.experiments.bench.attention``, not asserted.
 """
 import pytest
 import torch
 
-from attention.chunked import _blocks, chunked_attention
-from attention.reference import reference_attention
+from polytask.attention.chunked import _blocks, chunked_attention
+from polytask.attention.reference import reference_attention
 
 
 def _qkv(b, h, lq, lk, d, e, dtype=torch.float64, grad=True):

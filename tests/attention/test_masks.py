@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attention.masks import causal_mask, combine, key_padding_mask, lengths_to_mask
+from polytask.attention.masks import causal_mask, combine, key_padding_mask, lengths_to_mask
 
 
 def test_causal_mask_square_is_the_lower_triangle():

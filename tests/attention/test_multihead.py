@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from attention.functional import BACKENDS
-from attention.kv_cache import KVCache
-from attention.multihead import MultiHeadAttention
+from polytask.attention.functional import BACKENDS
+from polytask.attention.kv_cache import KVCache
+from polytask.attention.multihead import MultiHeadAttention
 
 BACKEND_NAMES = ["reference", "chunked", "sdpa"]
 
 
 def _need(backend):
     if backend not in BACKENDS:
-        pytest.skip(f"backend {backend!r} is not registered in attention.functional.BACKENDS")
+        pytest.skip(f"backend {backend!r} is not registered in polytask.attention.functional.BACKENDS")
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)

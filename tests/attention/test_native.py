@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import native
-from attention.kv_cache import KVCache
-from attention.packed import ACTIVATIONS
-from attention.reference import reference_attention
+from polytask.attention import native
+from polytask.attention.kv_cache import KVCache
+from polytask.attention.packed import ACTIVATIONS
+from polytask.attention.reference import reference_attention
 
 
 @pytest.fixture(scope="module")

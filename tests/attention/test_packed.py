@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attention.packed as packed
-from attention.packed import (apply_linear, linear, packable, packed_weight,
+import polytask.attention.packed as packed
+from polytask.attention.packed import (apply_linear, linear, packable, packed_weight,
                               packed_weights)
 
 needs_onednn = pytest.mark.skipif(not packed._AVAILABLE, reason="PyTorch built without oneDNN")
@@ -226,8 +226,8 @@ def test_unknown_activation_is_named():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
 def test_feedforward_in_a_block_equals_the_feedforward(activation):
-    from core.config import ModelConfig
-    from core.feedforward import build_feedforward
+    from polytask.core.model.config import ModelConfig
+    from polytask.core.model.feedforward import build_feedforward
     torch.manual_seed(6)
     ff = build_feedforward(ModelConfig(d_model=32, d_ff=64, n_heads=2, activation=activation,
                                        vocab_size=50)).eval()

@@ -1,6 +1,6 @@
 """The Triton flash-attention backend agrees with the reference backend (values and gradients).
 
-Oracle: ``attention.reference.reference_attention`` in fp64 on the same inputs, with k/v heads
+Oracle: ``polytask.attention.reference.reference_attention`` in fp64 on the same inputs, with k/v heads
 expanded for grouped-query attention. Without a GPU the kernels run in Triton's interpreter
 (TRITON_INTERPRET=1, set below before the kernels are imported), so shapes are tiny and odd,
 with 16-wide tiles so every case crosses several query and key tiles and ragged edges.
@@ -15,14 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
-    # Must happen before attention.triton_kernels decorates its kernels.
+    # Must happen before polytask.attention.triton_kernels decorates its kernels.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install polytask[triton])")
 
-from attention.functional import expand_kv_heads, scaled_dot_product_attention  # noqa: E402
-from attention.masks import key_padding_mask, lengths_to_mask  # noqa: E402
-from attention.reference import reference_attention  # noqa: E402
-from attention.triton_flash import _interpreting, triton_attention, unsupported_reason  # noqa: E402
+from polytask.attention.functional import expand_kv_heads, scaled_dot_product_attention  # noqa: E402
+from polytask.attention.masks import key_padding_mask, lengths_to_mask  # noqa: E402
+from polytask.attention.reference import reference_attention  # noqa: E402
+from polytask.attention.triton_flash import _interpreting, triton_attention, unsupported_reason  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _interpreting():
@@ -183,14 +183,14 @@ def test_missing_triton_is_reported(monkeypatch):
 
 
 def test_importing_the_backend_does_not_import_triton():
-    code = ("import sys, attention, attention.triton_flash; "
+    code = ("import sys, polytask.attention, polytask.attention.triton_flash; "
             "assert 'triton' not in sys.modules, 'triton was imported'")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 
 def test_bench_flop_count_and_cpu_exit(capsys):
-    from experiments.bench.triton_gpu import attention_flops, main
+    from polytask.experiments.bench.triton_gpu import attention_flops, main
     # two (L x L x D) matmuls of 2 FLOPs per multiply-add, per (batch, head)
     two_matmuls = 2 * (2 * 5 * 5 * 8)
     assert attention_flops(2, 3, 5, 5, 8, causal=False, backward=False) == 2 * 3 * two_matmuls

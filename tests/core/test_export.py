@@ -1,6 +1,6 @@
-"""ONNX export (:mod:`core.export`): onnxruntime agrees with PyTorch on new shapes, greedy decoding
+"""ONNX export (:mod:`polytask.core.export`): onnxruntime agrees with PyTorch on new shapes, greedy decoding
 with the exported graphs (KV cache as past/present tensors) gives the tokens of
-:func:`core.generation.generate`, and a polytask run directory exports per task."""
+:func:`polytask.core.decoding.generation.generate`, and a polytask run directory exports per task."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("onnx", reason="ONNX export needs the onnx package (extra [onnx])")
 pytest.importorskip("onnxruntime", reason="the export check runs the graphs with onnxruntime (extra [onnx])")
 
-from core.config import ModelConfig  # noqa: E402
-from core.export import check_onnx, export_model, export_onnx, onnx_greedy  # noqa: E402
-from core.generation import generate  # noqa: E402
-from core.transformer import EncoderDecoder  # noqa: E402
+from polytask.core.model.config import ModelConfig  # noqa: E402
+from polytask.core.export import check_onnx, export_model, export_onnx, onnx_greedy  # noqa: E402
+from polytask.core.decoding.generation import generate  # noqa: E402
+from polytask.core.model.transformer import EncoderDecoder  # noqa: E402
 
 SMALL = dict(vocab_size=40, d_model=16, n_heads=4, d_ff=24, n_encoder_layers=2,
              n_decoder_layers=2, dropout=0.0, init_std=0.3)
@@ -72,10 +72,10 @@ def test_check_detects_a_mismatch(exported):
 
 
 def test_export_run_directory(tmp_path):
-    from core.checkpoint import save_weights, write_json
-    from core.train import setup
-    from experiments.config import load_config
-    from experiments.runs import resolve_tasks
+    from polytask.core.training.checkpoint import save_weights, write_json
+    from polytask.experiments.train import setup
+    from polytask.experiments.config import load_config
+    from polytask.experiments.runs import resolve_tasks
 
     cfg = load_config("experiments/configs/tiny.yaml",
                       ["model.d_model=16", "model.d_ff=32", "model.n_heads=2",

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from attention.kv_cache import KVCache
-from attention.multihead import MultiHeadAttention
-from core.config import ModelConfig
-from core.positions import SinusoidalPositions
-from core.transformer import EncoderDecoder
+from polytask.attention.kv_cache import KVCache
+from polytask.attention.multihead import MultiHeadAttention
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.positions import SinusoidalPositions
+from polytask.core.model.transformer import EncoderDecoder
 
 
 def _mha(fused: bool, **kw) -> MultiHeadAttention:
@@ -103,7 +103,7 @@ def test_cached_sinusoidal_table_equals_computed_rows(dtype):
 
 
 def _count_concatenations(monkeypatch) -> dict:
-    import attention.multihead as multihead
+    import polytask.attention.multihead as multihead
     calls = {"n": 0}
     real = multihead._concatenated
 
@@ -116,7 +116,7 @@ def _count_concatenations(monkeypatch) -> dict:
 
 
 def test_fused_weights_are_reused_in_a_block_and_refreshed_after_an_update(monkeypatch):
-    from attention.packed import packed_weights
+    from polytask.attention.packed import packed_weights
     calls = _count_concatenations(monkeypatch)
     m = _mha(True)
     ref = _mha(False)
@@ -145,7 +145,7 @@ def test_fused_weights_do_not_outlive_a_block_across_a_fused_optimizer_step():
     """A fused AdamW step does not bump the version counter; a concatenation kept across it
     (as the earlier per-module cache did, made by an evaluation between backward and step)
     would be stale."""
-    from attention.packed import packed_weights
+    from polytask.attention.packed import packed_weights
     m = _mha(True).float()
     ref = _mha(False).float()
     x = torch.randn(2, 3, 12)

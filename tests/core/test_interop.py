@@ -1,4 +1,4 @@
-"""Parity of :func:`core.interop.from_hf` against Hugging Face ``transformers`` (the oracle).
+"""Parity of :func:`polytask.core.interop.from_hf` against Hugging Face ``transformers`` (the oracle).
 
 Small T5 v1.0, T5 v1.1 and BART models are built offline from config objects with random
 weights (norm gains, biases, position tables and BART's final_logits_bias randomised too, so
@@ -15,8 +15,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
-from core.generation import generate  # noqa: E402
-from core.interop import from_hf  # noqa: E402
+from polytask.core.decoding.generation import generate  # noqa: E402
+from polytask.core.interop import from_hf  # noqa: E402
 
 ATOL = 1e-4
 VOCAB = 61

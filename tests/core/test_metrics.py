@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.metrics import (METRICS, accuracy, bleu, chrf, compute_metrics, exact_match, macro_f1,
+from polytask.core.metrics import (METRICS, accuracy, bleu, chrf, compute_metrics, exact_match, macro_f1,
                           normalize_whitespace, rouge_l)
-from core.tasks import TaskSpec
+from polytask.core.data.tasks import TaskSpec
 
 
 def test_accuracy_hand_worked():

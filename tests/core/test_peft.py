@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import ModelConfig
-from core.generation import generate
-from core.peft import (AdaptedLinear, LoRALinear, PromptTuning, apply_peft, merge_lora,
+from polytask.core.model.config import ModelConfig
+from polytask.core.decoding.generation import generate
+from polytask.core.peft import (AdaptedLinear, LoRALinear, PromptTuning, apply_peft, merge_lora,
                        trainable_parameter_names, unmerge_lora, unwrap_lora)
-from core.transformer import EncoderDecoder
+from polytask.core.model.transformer import EncoderDecoder
 
 CONFIG = ModelConfig(vocab_size=20, d_model=16, n_heads=2, n_encoder_layers=2,
                      n_decoder_layers=2, d_ff=32, dropout=0.0, max_length=32)

@@ -2,7 +2,7 @@
 import csv
 from pathlib import Path
 
-from experiments.cli import main
+from polytask.experiments.cli import main
 
 ROOT = Path(__file__).parents[2]
 TINY = ROOT / "experiments" / "configs" / "tiny.yaml"

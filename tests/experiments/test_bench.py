@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from core.config import ModelConfig
-from experiments.bench import decode, train
-from experiments.bench.flops import attention_flops, linear_flops, step_flops
-from experiments.bench.peers import SIZES, build_all
+from polytask.core.model.config import ModelConfig
+from polytask.experiments.bench import decode, train
+from polytask.experiments.bench.flops import attention_flops, linear_flops, step_flops
+from polytask.experiments.bench.peers import SIZES, build_all
 
 
 def test_flop_count_equals_hand_formula():

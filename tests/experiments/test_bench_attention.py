@@ -1,9 +1,9 @@
-"""Smoke test of ``python -m experiments.bench.attention`` at toy sizes: every backend runs
+"""Smoke test of ``python -m polytask.experiments.bench.attention`` at toy sizes: every backend runs
 forward + backward, the table is well formed and the ratios are relative to sdpa. No timing is
 asserted (speed is measured, never tested)."""
 import pytest
 
-from experiments.bench.attention import format_table, main, run
+from polytask.experiments.bench.attention import format_table, main, run
 
 
 @pytest.mark.slow  # the profiler's first start takes seconds on a busy machine

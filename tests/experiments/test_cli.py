@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main
+from polytask.experiments.cli import main
 
 ROOT = Path(__file__).parents[2]
 TINY = ROOT / "experiments" / "configs" / "tiny.yaml"
@@ -28,7 +28,7 @@ def test_user_errors_are_one_clean_line(argv, message, capsys):
 
 
 def test_debug_shows_the_traceback():
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "train", str(TINY),
+    proc = subprocess.run([sys.executable, "-m", "polytask.experiments.cli", "train", str(TINY),
                            "train.max_step=3", "--debug"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "unknown config key train.max_step" in proc.stderr

@@ -6,9 +6,9 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.data import load_task
-from core.tasks import TaskSpec
-from experiments.config import RunConfig
+from polytask.core.data.task_data import load_task
+from polytask.core.data.tasks import TaskSpec
+from polytask.experiments.config import RunConfig
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)

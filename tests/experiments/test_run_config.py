@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablate import expand_grid, plan
-from experiments.config import RunConfig, apply_overrides, load_config, parse_overrides
+from polytask.experiments.ablate import expand_grid, plan
+from polytask.experiments.config import RunConfig, apply_overrides, load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
 
@@ -62,8 +62,8 @@ def test_grid_expansion_is_the_cartesian_product():
 def test_every_shipped_config_validates(path):
     runs = plan(path)  # validates every grid point and seed before anything runs
     assert runs
-    from experiments.runs import resolve_tasks
-    from heads.plan import make_plan
+    from polytask.experiments.runs import resolve_tasks
+    from polytask.heads.plan import make_plan
     for _, _, _, cfg in runs:
         make_plan(cfg.sharing, cfg.model, resolve_tasks(cfg))
 

@@ -1,13 +1,13 @@
-"""experiments.suite: named suites, shipped data, regeneration and the docs table."""
+"""polytask.experiments.suite: named suites, shipped data, regeneration and the docs table."""
 import filecmp
 from pathlib import Path
 
 import pytest
 
-from core.data import TaskData, load_task
-from experiments.suite import DATA_DIR, load_examples, load_suite, markdown_table, suite_names, task_spec
-from experiments.suite import build_wordnet, synthetic
-from experiments.suite.catalog import TASKS
+from polytask.core.data.task_data import TaskData, load_task
+from polytask.experiments.suite import DATA_DIR, load_examples, load_suite, markdown_table, suite_names, task_spec
+from polytask.experiments.suite import build_wordnet, synthetic
+from polytask.experiments.suite.catalog import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_specs_are_complete():
         assert len(spec.templates) >= 3 and len(set(spec.templates)) == len(spec.templates)
         assert (spec.kind == "classification") == bool(spec.labels) == (spec.group == "understanding")
     assert len(task_spec("wn_lexname").labels) == 45
-    from core.metrics import METRICS
+    from polytask.core.metrics import METRICS
     assert {TASKS[n].metric for n in TASKS} <= set(METRICS)  # every metric is registered
     held = [s.name for s in load_suite("heldout") if s.held_out]
     assert held == ["sort", "wn_reverse"]
@@ -108,9 +108,9 @@ def test_tiny_suite_end_to_end_to_a_batch():
     """Suite -> TaskData -> tokenizer -> mixture sampler -> templates -> collate -> Batch."""
     import random
 
-    from core.collate import collate
-    from core.sampling import MixtureSampler
-    from core.tokenizer import Tokenizer
+    from polytask.core.data.collate import collate
+    from polytask.core.data.sampling import MixtureSampler
+    from polytask.core.data.tokenizer import Tokenizer
 
     data = TaskData.load(load_suite("tiny"))
     tok = Tokenizer.train(data.corpus(), vocab_size=64)

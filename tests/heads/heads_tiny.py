@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from core.batch import IGNORE_INDEX, Batch
-from core.config import ModelConfig
-from core.tasks import TaskSpec
+from polytask.core.data.batch import IGNORE_INDEX, Batch
+from polytask.core.model.config import ModelConfig
+from polytask.core.data.tasks import TaskSpec
 
 VOCAB = 40
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads import MultiTaskObjective, SharingConfig, build_model, pool
-from heads.adversarial import orthogonality_loss
-from core.batch import IGNORE_INDEX, Batch
-from core.tasks import TaskSpec
+from polytask.heads import MultiTaskObjective, SharingConfig, build_model, pool
+from polytask.heads.adversarial import orthogonality_loss
+from polytask.core.data.batch import IGNORE_INDEX, Batch
+from polytask.core.data.tasks import TaskSpec
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import MultiTaskObjective, SharingConfig, build_model
+from polytask.heads import MultiTaskObjective, SharingConfig, build_model
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 SHARING = SharingConfig(strategy="soft", cross_stitch=True)

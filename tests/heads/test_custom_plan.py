@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-import heads
-from heads import SharingConfig, build_model
-from heads.plan import CUSTOM_PLANS
+from polytask import heads
+from polytask.heads import SharingConfig, build_model
+from polytask.heads.plan import CUSTOM_PLANS
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 ROOT = Path(__file__).parents[2]
@@ -50,8 +50,8 @@ def test_unknown_and_bad_plans_are_named(shared_encoder):
 
 
 def test_registered_plan_trains_through_the_loop(shared_encoder, tmp_path):
-    from experiments.config import load_config
-    from experiments.runs import train_run
+    from polytask.experiments.config import load_config
+    from polytask.experiments.runs import train_run
     cfg = load_config(ROOT / "experiments" / "configs" / "tiny.yaml", [
         "sharing.strategy=shared_encoder", "train.max_steps=2", "train.eval_every=2",
         "data.eval_examples=2", "train.batch_size=8", "model.d_model=32", "model.d_ff=64"])

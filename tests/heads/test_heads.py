@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import ClassifierHead, SharingConfig, build_model, label_scores, pool, rank_classify
+from polytask.heads import ClassifierHead, SharingConfig, build_model, label_scores, pool, rank_classify
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
+from polytask import losses
 
-from core.batch import IGNORE_INDEX
-from heads import MultiTaskObjective, SharingConfig, build_model
+from polytask.core.data.batch import IGNORE_INDEX
+from polytask.heads import MultiTaskObjective, SharingConfig, build_model
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.tasks import TaskSpec
-from heads import SharingConfig, make_plan, slot_names
+from polytask.core.data.tasks import TaskSpec
+from polytask.heads import SharingConfig, make_plan, slot_names
 from heads_tiny import three_tasks, tiny_config
 
 

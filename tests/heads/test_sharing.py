@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import MultiTaskObjective, SharingConfig, build_model
-from heads.build import copies_equal
-from heads.slots import get_slot
+from polytask.heads import MultiTaskObjective, SharingConfig, build_model
+from polytask.heads.build import copies_equal
+from polytask.heads.slots import get_slot
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 PLANS = {

@@ -1,7 +1,7 @@
 """Fixtures for the losses tests: registries restored after tests that add entries."""
 import pytest
 
-import losses
+from polytask import losses
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
-from losses.adversarial import GradientReversal, TaskDiscriminator, ganin_lambda, grad_reverse
+from polytask import losses
+from polytask.losses.adversarial import GradientReversal, TaskDiscriminator, ganin_lambda, grad_reverse
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 2.5])

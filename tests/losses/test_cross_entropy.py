@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
-from core.batch import IGNORE_INDEX
+from polytask import losses
+from polytask.core.data.batch import IGNORE_INDEX
 
 
 def _case(n=7, c=5, dtype=torch.float64):

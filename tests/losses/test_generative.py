@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
-from core.batch import IGNORE_INDEX
+from polytask import losses
+from polytask.core.data.batch import IGNORE_INDEX
 
 
 def _case(dtype=torch.float64):
@@ -56,8 +56,8 @@ def test_shape_mismatch_and_bad_reduction_raise():
 
 
 def _lm(**overrides):
-    from core.config import ModelConfig
-    from core.transformer import EncoderDecoder
+    from polytask.core.model.config import ModelConfig
+    from polytask.core.model.transformer import EncoderDecoder
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=23, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
                          n_decoder_layers=1, **overrides)
@@ -83,13 +83,13 @@ def test_from_hidden_equals_the_loss_of_the_logits(reduction, smoothing, overrid
 
 
 def test_from_hidden_falls_back_to_the_logits_for_a_wrapped_head():
-    from core.peft.lora import LoRALinear
+    from polytask.core.peft.lora import LoRALinear
     lm = _lm()
     lm.lm_head = LoRALinear(lm.lm_head, r=2)
     torch.nn.init.normal_(lm.lm_head.lora_B)     # a head whose output differs from its base's
     hidden = torch.randn(2, 3, 16, dtype=torch.float64)
     labels = torch.randint(0, 23, (2, 3))
     loss = losses.get("generative")()
-    from losses.generative import fusable_head
+    from polytask.losses.generative import fusable_head
     assert fusable_head(lm) is None and fusable_head(_lm()) is not None
     torch.testing.assert_close(loss.from_hidden(hidden, lm, labels), loss(lm.logits(hidden), labels))

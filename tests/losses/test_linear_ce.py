@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.batch import IGNORE_INDEX
-from losses.cross_entropy import smoothed_nll
-from losses.linear_ce import default_chunk, linear_cross_entropy
+from polytask.core.data.batch import IGNORE_INDEX
+from polytask.losses.cross_entropy import smoothed_nll
+from polytask.losses.linear_ce import default_chunk, linear_cross_entropy
 
 
 def _case(n=4, t=7, d=10, v=13, bias=True, dtype=torch.float64, seed=0):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import losses
-from losses.penalties import orthogonality_penalty, soft_sharing_penalty
+from polytask import losses
+from polytask.losses.penalties import orthogonality_penalty, soft_sharing_penalty
 
 
 def test_orthogonality_zero_for_orthogonal_feature_spaces():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-import losses
+from polytask import losses
 
 
 def test_builtin_names_are_registered():

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import losses
-from losses.weighting.pcgrad import project_conflicting
+from polytask import losses
+from polytask.losses.weighting.pcgrad import project_conflicting
 
 f64 = torch.float64
 

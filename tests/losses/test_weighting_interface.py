@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import losses
+from polytask import losses
 
 ALL = ["static", "uncertainty", "gradnorm", "dwa", "pcgrad", "famo"]
 

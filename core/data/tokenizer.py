@@ -1,0 +1,118 @@
+"""Subword tokenizer: a thin wrapper over sentencepiece (Kudo & Richardson 2018).
+
+Fixed special ids, matching ``ModelConfig`` defaults: pad = 0, unk = 1, bos = 2, eos = 3, and
+the instruction separator ``[SEP]`` (``polytask.core.data.task_data.SEP``) is a user-defined piece with id 4, so it
+is never split. Training happens in memory: the corpus is streamed to sentencepiece and the
+model is written to a ``BytesIO``, so no temporary file is left behind.
+
+Normalisation is ``identity`` (what you encode is what you decode) except that sentencepiece
+collapses runs of whitespace and strips the ends. ``character_coverage`` is 1.0: every
+character of the training corpus gets a piece; characters never seen in training map to unk.
+
+Vocabulary size: ``vocab_size`` is a hard target by default, and a corpus too small for it
+raises ``ValueError`` quoting sentencepiece's maximum. ``hard_vocab_limit=False`` lets
+sentencepiece build a smaller vocabulary instead; ``Tokenizer.vocab_size`` reports the size
+actually built, which is what ``ModelConfig.vocab_size`` must be at least.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import sentencepiece as spm
+
+from polytask.core.data.task_data import SEP
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID = 0, 1, 2, 3, 4
+
+
+class Tokenizer:
+    """Text <-> ids. Build with :meth:`train` or :meth:`load`."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        specials = {"pad": (self.sp.pad_id(), PAD_ID), "unk": (self.sp.unk_id(), UNK_ID),
+                    "bos": (self.sp.bos_id(), BOS_ID), "eos": (self.sp.eos_id(), EOS_ID),
+                    SEP: (self.sp.piece_to_id(SEP), SEP_ID)}
+        for name, (got, want) in specials.items():
+            if got != want:
+                raise ValueError(f"sentencepiece model has {name} id {got}, polytask needs {want}")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int,
+              model_type: Literal["unigram", "bpe"] = "unigram", *,
+              hard_vocab_limit: bool = True, max_sentence_length: int = 16384,
+              seed_sentencepiece_size: int = 100_000) -> "Tokenizer":
+        """Train on ``texts`` (e.g. every source and target of the training splits).
+
+        Args:
+            texts: the corpus, one string per sentence; empty strings are skipped.
+            vocab_size: number of pieces including the 5 special ones.
+            model_type: ``unigram`` (Kudo 2018, T5's choice) or ``bpe`` (Sennrich et al. 2016).
+            hard_vocab_limit: False allows a smaller vocabulary when the corpus is small.
+        """
+        if model_type not in ("unigram", "bpe"):
+            raise ValueError(f"unknown model_type {model_type!r}; choose 'unigram' or 'bpe'")
+        if vocab_size <= SEP_ID + 1:
+            raise ValueError(f"vocab_size ({vocab_size}) must exceed the {SEP_ID + 1} special ids")
+        corpus = [t for t in texts if t and t.strip()]
+        if not corpus:
+            raise ValueError("cannot train a tokenizer on an empty corpus")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size,
+                model_type=model_type, character_coverage=1.0,
+                normalization_rule_name="identity", hard_vocab_limit=hard_vocab_limit,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                user_defined_symbols=[SEP], max_sentence_length=max_sentence_length,
+                seed_sentencepiece_size=seed_sentencepiece_size,
+                num_threads=1, minloglevel=2)  # one thread: deterministic, and we share 2 cores
+        except RuntimeError as err:
+            raise ValueError(
+                f"sentencepiece could not build a {model_type} vocabulary of {vocab_size} from "
+                f"{len(corpus)} texts: {str(err).rstrip('.')}. "
+                + ("Raise data.vocab_size" if "smaller than required_chars" in str(err)
+                   else "Lower data.vocab_size or pass hard_vocab_limit=False")
+            ) from None
+        return cls(model.getvalue())
+
+    def save(self, path: str | Path) -> None:
+        """Write the sentencepiece model (a standard ``.model`` file)."""
+        Path(path).write_bytes(self.model_proto)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: tokenizer model not found")
+        return cls(path.read_bytes())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    pad_id, unk_id, bos_id, eos_id, sep_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID
+
+    def encode(self, text: str) -> list[int]:
+        """Piece ids of ``text``, without bos / eos (the collator adds them)."""
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` up to the first eos; pad and bos are skipped. Accepts tensors."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if EOS_ID in ids:
+            ids = ids[:ids.index(EOS_ID)]
+        return self.sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+    def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        rows = rows.tolist() if hasattr(rows, "tolist") else rows
+        return [self.decode(r) for r in rows]
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)

@@ -1,0 +1,1 @@
+"""Autoregressive decoding: greedy, sampling, beam search, and the fast cached step."""

@@ -1,0 +1,1 @@
+"""The encoder-decoder backbone: config, norms, positions, feed-forward, layers, stacks."""
