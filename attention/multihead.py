@@ -15,35 +15,6 @@ from torch import nn
 
 from polytask.attention.functional import scaled_dot_product_attention
 from polytask.attention.kv_cache import KVCache
-from polytask.attention.packed import apply_linear, block_cached, linear, plain_linear
-
-
-def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
-    """``[p(x) for p in projections]`` computed as ONE matmul with the weights concatenated.
-
-    Why faster: one GEMM of width ``sum(n_out)`` instead of several narrow ones reads ``x`` once,
-    runs the BLAS kernel at a better aspect ratio, and in backward gives one weight-gradient
-    GEMM, one bias reduction and no accumulation of the input gradients from separate branches.
-    The weights are concatenated at call time (a copy of ``3·d²`` floats, small next to the
-    ``b·t·3·d²`` GEMM), so the separate ``nn.Linear`` modules stay the only source of truth.
-    Without autograd inside a :func:`polytask.attention.packed.packed_weights` block (a ``generate``
-    call, where that copy is as large as a step's GEMM) the concatenation is made once per
-    block (:func:`polytask.attention.packed.block_cached`). The product goes through
-    :func:`polytask.attention.packed.linear`.
-    """
-    out = linear(x, *fused_weights(*projections))
-    return list(out.split([p.out_features for p in projections], dim=-1))
-
-
-def fused_weights(*projections: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The projections' weights and biases concatenated along the output features (biases
-    None when the projections have none): made on every call with autograd or while tracing
-    (an exported graph keeps the separate weights as its inputs), otherwise once per
-    :func:`polytask.attention.packed.packed_weights` block (:func:`polytask.attention.packed.block_cached`)."""
-    params = tuple(t for p in projections for t in (p.weight, p.bias) if t is not None)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in params)) or torch.jit.is_tracing():
-        return _concatenated(projections)
-    return block_cached(("fused", *map(id, params)), params, lambda: _concatenated(projections))
 
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -55,12 +26,6 @@ def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 def merge_heads(t: torch.Tensor) -> torch.Tensor:
     """``(b, h, i, d)`` -> ``(b, i, h·d)`` (einops: ``"b h i d -> b i (h d)"``)."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
-
-
-def _concatenated(projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([p.weight for p in projections])
-    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-    return weight, bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -100,30 +65,21 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
         self.out_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
 
-    #: use the fused q/k/v (self-attention) and k/v (cross-attention) projections when the
-    #: projections are plain Linears; False forces the separate, obvious path (its twin).
-    fused: bool = True
-
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries ``(b, h, i, d)`` of ``x`` ``(b, i, d_model)``."""
-        return split_heads(apply_linear(self.q_proj, x), self.n_heads)
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention queries, keys and values ``(b, h|hk, i, d)`` of ``x`` ``(b, i, d_model)``."""
-        if not (self.fused and plain_linear(self.q_proj, self.k_proj, self.v_proj)):
-            return (self._q(x), *self._kv(x))
-        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
-        # heads of a split are strided views of the fused output: no copies.
-        return (split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads),
-                split_heads(v, self.n_kv_heads))
+        return split_heads(self.q_proj(x), self.n_heads)
 
     def _kv(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(b, hk, j, d)`` of ``c`` ``(b, j, d_model)``."""
-        if self.fused and plain_linear(self.k_proj, self.v_proj):
-            k, v = fused_linear(c, self.k_proj, self.v_proj)
-        else:
-            k, v = apply_linear(self.k_proj, c), apply_linear(self.v_proj, c)
-        return split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        return split_heads(self.k_proj(c), self.n_kv_heads), split_heads(self.v_proj(c), self.n_kv_heads)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention queries, keys and values of ``x`` ``(b, i, d_model)``."""
+        return (self._q(x), *self._kv(x))
+
+    def _out(self, heads: torch.Tensor) -> torch.Tensor:
+        """``(b, h, i, d)`` attention output -> ``(b, i, d_model)``."""
+        return self.out_proj(merge_heads(heads))
 
     def forward(
         self,
@@ -170,7 +126,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask, causal=causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend, bias=position_bias)
-        return apply_linear(self.out_proj, merge_heads(out))
+        return self._out(out)
 
     @classmethod
     def from_torch(cls, m: nn.MultiheadAttention, backend: str = "auto") -> "MultiHeadAttention":
@@ -186,7 +142,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("from_torch does not support add_bias_kv or add_zero_attn")
         d = m.embed_dim
         has_bias = m.in_proj_bias is not None
-        out = cls(d, m.num_heads, bias=has_bias, dropout=m.dropout, backend=backend)
+        out = cls(d, m.num_heads, bias=has_bias, dropout=m.dropout, backend=backend).to(
+            device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)   # before copying: no rounding
         with torch.no_grad():
             wq, wk, wv = m.in_proj_weight.chunk(3, dim=0)
             for proj, w in ((out.q_proj, wq), (out.k_proj, wk), (out.v_proj, wv)):
@@ -196,4 +153,4 @@ class MultiHeadAttention(nn.Module):
                 for proj, b in zip((out.q_proj, out.k_proj, out.v_proj), m.in_proj_bias.chunk(3)):
                     proj.bias.copy_(b)
                 out.out_proj.bias.copy_(m.out_proj.bias)
-        return out.to(m.in_proj_weight.dtype)
+        return out

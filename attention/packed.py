@@ -251,10 +251,20 @@ def reusable_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
     return lambda x: _linear_pointwise(x, packed, bias, attr, [], algorithm)
 
 
+class FastLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`linear` (oneDNN where it applies). No state of
+    its own: :func:`polytask.core.accelerate.accelerated` turns a model's output projection into
+    it in place, and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def plain_linear(*projections: nn.Module) -> bool:
-    """True when every module is an un-hooked ``nn.Linear`` (not, e.g., a LoRA wrapper), so that
-    a fast path computing with their ``weight`` and ``bias`` does exactly what calling them would."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+    """True when every module is an un-hooked ``nn.Linear`` or :class:`FastLinear` (not, e.g., a
+    LoRA wrapper), so that a fast path computing with their ``weight`` and ``bias`` does exactly
+    what calling them would."""
+    return all(type(m) in (nn.Linear, FastLinear) and not (m._forward_hooks or m._forward_pre_hooks)
                for m in projections)
 
 

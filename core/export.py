@@ -241,27 +241,3 @@ def onnx_greedy(out_dir: str | Path, src_ids: torch.Tensor, src_mask: torch.Tens
         if finished.all():
             break
     return torch.from_numpy(np.stack(generated, axis=1))
-
-
-def export_onnx(run_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> list[Path]:
-    """Export a polytask run (``polytask.experiments.train.load_run``): one directory ``out_dir/<task>/`` per
-    task that runs the decoder (``lm`` and ``rank`` heads), holding that task's
-    ``for_task(name)`` view of the multi-task model (:func:`export_model`). Classifier tasks
-    stop at the encoder and are skipped. ``tasks`` restricts the export; unknown names raise.
-    """
-    from polytask.experiments.train import load_run
-    from polytask.heads.model import DECODER_HEADS
-
-    _, _, _, model = load_run(Path(run_dir))
-    known = {t.name: t for t in model.tasks}
-    for name in tasks or []:
-        if name not in known:
-            raise ValueError(f"unknown task {name!r}; tasks: {', '.join(known)}")
-    chosen = [known[n] for n in (tasks or known)]
-    decoding = [t.name for t in chosen if t.head_kind in DECODER_HEADS]
-    if not decoding:
-        raise ValueError(f"no decoder task to export among {', '.join(t.name for t in chosen)}")
-    paths: list[Path] = []
-    for name in decoding:
-        paths += export_model(model.for_task(name), Path(out_dir) / name)
-    return paths

@@ -92,12 +92,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from polytask.experiments.train import evaluate_run
+    from polytask.experiments.runs import evaluate_run
     print(json.dumps(evaluate_run(Path(args.run_dir), split=args.split), indent=2))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from polytask.experiments.train import generate_text
+    from polytask.experiments.runs import generate_text
     print(generate_text(Path(args.run_dir), args.task, args.input, method=args.method,
                         max_new_tokens=args.max_new_tokens))
 
@@ -117,8 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from polytask.core.export import export_onnx
-    for path in export_onnx(Path(args.run_dir), Path(args.onnx)):
+    from polytask.experiments.runs import export_run
+    for path in export_run(Path(args.run_dir), Path(args.onnx)):
         print(path)
 
 

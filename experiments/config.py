@@ -31,13 +31,24 @@ from polytask.heads.config import SharingConfig
 
 @dataclass
 class WeightingConfig:
-    """``method`` names a registered weighting; ``options`` are passed to its constructor."""
+    """``method`` names a registered weighting; ``options`` are passed to its constructor.
+
+    ``gradient_reducer`` is a constructor argument too, but the training loop sets it (the
+    cross-rank average under data parallelism), so a config may not.
+    """
 
     method: str = "static"
     options: dict[str, Any] = field(default_factory=dict)
 
+    RESERVED_OPTIONS = ("gradient_reducer",)
+
     def __post_init__(self) -> None:
         check_fields(self, "weighting")
+        reserved = [k for k in self.options if k in self.RESERVED_OPTIONS]
+        if reserved:
+            raise ValueError(f"weighting.options.{reserved[0]} cannot be set in a config: the "
+                             f"training loop sets it (averaging per-task gradients across ranks "
+                             f"when run under torchrun)")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from polytask.core.data.task_data import TaskData
 from polytask.core.decoding.generation import generate
 from polytask.core.metrics import compute_metrics
 from polytask.core.data.tokenizer import Tokenizer
-from polytask.heads.rank import rank_classify
+from polytask.experiments.config import RunConfig
 
 
 @torch.no_grad()
@@ -47,7 +47,8 @@ def predict(model: Any, data: TaskData, tokenizer: Tokenizer, task: str, split: 
             out = model(batch).tasks[task]
             preds += [spec.labels[i] for i in out.logits.argmax(-1).tolist()]
         elif head == "rank":
-            choice, _ = rank_classify(model.for_task(task), batch.src, batch.src_mask, candidates)
+            # the task's own RankHead: its configured normalisation (sharing.rank_normalize)
+            choice = model.predict_class(task, batch.src, batch.src_mask, candidates)
             preds += [spec.labels[i] for i in choice.tolist()]
         else:
             ids = generate(model.for_task(task), batch.src, batch.src_mask,
@@ -73,3 +74,10 @@ def evaluate(model: Any, data: TaskData, tokenizer: Tokenizer, split: str, *, li
     if scores:
         scores["average"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def eval_options(cfg: RunConfig) -> dict[str, int]:
+    """The keyword arguments of :func:`evaluate` a run config sets."""
+    return dict(limit=cfg.data.eval_examples, batch_size=max(cfg.train.batch_size, 32),
+                max_source_len=cfg.data.max_source_len, max_target_len=cfg.data.max_target_len,
+                max_new_tokens=cfg.train.generation_max_tokens)

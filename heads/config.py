@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
+from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.config import check_fields, from_dict
 
 STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
@@ -56,7 +57,6 @@ class SharingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "sharing")
-        from polytask.heads.plan import strategy_names  # the registry lives with the plans
         if self.strategy not in strategy_names():
             raise ValueError(f"sharing.strategy = {self.strategy!r} is invalid: expected one of "
                              f"{', '.join(repr(n) for n in strategy_names())} (register more with "
@@ -93,3 +93,34 @@ class SharingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --- the registry of strategies (the plans themselves: polytask.heads.plan) ---------------
+PlanFunction = Callable[[list[TaskSpec], list[str], "SharingConfig"], dict[str, Sequence[Sequence[str]]]]
+CUSTOM_PLANS: dict[str, tuple[PlanFunction, bool]] = {}
+
+
+def register_plan(name: str, *, coupled: bool = False) -> Callable[[PlanFunction], PlanFunction]:
+    """Register a sharing strategy from an experiment script, without touching the library::
+
+        @heads.register_plan("shared_encoder")
+        def shared_encoder(tasks, slots, sharing):
+            everyone, each = [[t.name for t in tasks]], [[t.name] for t in tasks]
+            return {s: each if s.startswith("decoder") else everyone for s in slots}
+
+    The function receives the task specs, the slot names (:func:`slot_names`) and the sharing
+    config, and returns, for every slot, a partition of the task names into groups; each group
+    gets one module. ``coupled=True`` adds the soft-sharing L2 penalty between copies. Then
+    ``sharing: {strategy: shared_encoder}`` selects it.
+    """
+    if name in STRATEGIES or name in CUSTOM_PLANS:
+        raise ValueError(f"sharing strategy {name!r} is already registered")
+
+    def decorate(fn: PlanFunction) -> PlanFunction:
+        CUSTOM_PLANS[name] = (fn, coupled)
+        return fn
+    return decorate
+
+
+def strategy_names() -> list[str]:
+    return list(STRATEGIES) + list(CUSTOM_PLANS)

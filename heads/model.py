@@ -194,12 +194,18 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(self._views)}")
         return self._views[name]
 
+    def columns(self) -> list[EncoderDecoder]:
+        """Every task's own EncoderDecoder, in task order."""
+        return [self._views[t.name] for t in self.tasks]
+
     def for_task(self, name: str) -> EncoderDecoder | CrossStitchView:
         """The EncoderDecoder of task ``name``: ``encode``, ``decode``, ``logits``, ``new_cache``
         all run through that task's (shared, group or private) modules; with cross-stitch
         units, through all columns stitched together, read out at the task's column."""
         view = self.for_column(name)
-        return CrossStitchView(self, name) if self.cross_stitch is not None else view
+        if self.cross_stitch is None:
+            return view
+        return CrossStitchView(self.columns(), self.cross_stitch, self.task_index[name])
 
     def _encode(self, src: torch.Tensor, src_mask: torch.Tensor, row_task: torch.Tensor,
                 keep: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
@@ -207,7 +213,7 @@ class MultiTaskModel(nn.Module):
         all columns' memories ``(k, b, s, d)`` (else None)."""
         if self.cross_stitch is None:
             return (*encode_mixed(self, src, src_mask, row_task, keep), None)
-        columns = encode_columns(self, src, src_mask)
+        columns = encode_columns(self.columns(), self.cross_stitch, src, src_mask)
         return columns[row_task, torch.arange(len(row_task), device=src.device)], {}, columns
 
     def head(self, name: str) -> nn.Module:
@@ -252,8 +258,9 @@ class MultiTaskModel(nn.Module):
                 hidden = decode_mixed(self, batch.tgt_in[dec_rows], batch.tgt_mask[dec_rows],
                                       memory[dec_rows], src_mask[dec_rows], dec_task)
             else:
-                hidden = decode_columns(self, batch.tgt_in[dec_rows], batch.tgt_mask[dec_rows],
-                                        columns[:, dec_rows], src_mask[dec_rows])
+                hidden = decode_columns(self.columns(), self.cross_stitch, batch.tgt_in[dec_rows],
+                                        batch.tgt_mask[dec_rows], columns[:, dec_rows],
+                                        src_mask[dec_rows])
                 hidden = hidden[dec_task, torch.arange(len(dec_rows), device=hidden.device)]
         out: dict[str, TaskOutput] = {}
         for i, spec in enumerate(self.tasks):

@@ -25,11 +25,10 @@ grouped exactly like the embedding, because it *is* the embedding matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from polytask.core.model.config import ModelConfig
 from polytask.core.data.tasks import TaskSpec
-from polytask.heads.config import STRATEGIES, SharingConfig
+from polytask.heads.config import CUSTOM_PLANS, SharingConfig, register_plan, strategy_names  # noqa: F401
 
 Group = frozenset[str]
 
@@ -82,36 +81,6 @@ def slot_names(config: ModelConfig) -> list[str]:
     return (["embedding"] + [f"encoder.{i}" for i in range(config.n_encoder_layers)]
             + ["encoder.norm"] + [f"decoder.{i}" for i in range(config.n_decoder_layers)]
             + ["decoder.norm", "lm_head"])
-
-
-PlanFunction = Callable[[list[TaskSpec], list[str], SharingConfig], dict[str, Sequence[Sequence[str]]]]
-CUSTOM_PLANS: dict[str, tuple[PlanFunction, bool]] = {}
-
-
-def register_plan(name: str, *, coupled: bool = False) -> Callable[[PlanFunction], PlanFunction]:
-    """Register a sharing strategy from an experiment script, without touching the library::
-
-        @heads.register_plan("shared_encoder")
-        def shared_encoder(tasks, slots, sharing):
-            everyone, each = [[t.name for t in tasks]], [[t.name] for t in tasks]
-            return {s: each if s.startswith("decoder") else everyone for s in slots}
-
-    The function receives the task specs, the slot names (:func:`slot_names`) and the sharing
-    config, and returns, for every slot, a partition of the task names into groups; each group
-    gets one module. ``coupled=True`` adds the soft-sharing L2 penalty between copies. Then
-    ``sharing: {strategy: shared_encoder}`` selects it.
-    """
-    if name in STRATEGIES or name in CUSTOM_PLANS:
-        raise ValueError(f"sharing strategy {name!r} is already registered")
-
-    def decorate(fn: PlanFunction) -> PlanFunction:
-        CUSTOM_PLANS[name] = (fn, coupled)
-        return fn
-    return decorate
-
-
-def strategy_names() -> list[str]:
-    return list(STRATEGIES) + list(CUSTOM_PLANS)
 
 
 def _custom_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec],

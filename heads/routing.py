@@ -2,25 +2,49 @@
 
 Every layer of the backbone works row by row (attention never mixes rows), so a layer shared
 by tasks {a, b} may run once on all their rows while a private layer of task c runs on c's
-rows only. :func:`route` does the index_select / run / scatter-back; :func:`encode_mixed` and
-:func:`decode_mixed` are the stack loops of :class:`polytask.core.model.transformer.Encoder` and ``Decoder``
-with one :func:`route` per slot of the sharing plan (:mod:`polytask.heads.plan`). The per-stack inputs
-(position bias, rope) come from the ``embedding`` slot, whose partition every layer refines.
+rows only. :func:`route` does the index_select / run / scatter-back; :class:`RoutedLayer` is
+one slot's group modules as one layer for the backbone's layer loop
+(:func:`polytask.core.model.transformer.run_layers`), so the mixed batch runs through the same
+loop, masks and position inputs as a single task::
+
+    x = route(row_embed, embed)                         # each row's embedding group
+    p = view.encoder.prepare(src_mask)                  # masks, position bias, rope
+    x = run_layers(x, [RoutedLayer(table, f"encoder.{i}", row_task) ...], p.layer_args())
+    memory = RoutedLayer(table, "encoder.norm", row_task)(x)
+
+The masks and the rotary embedding do not depend on the task; T5's relative position bias is a
+parameter of the ``embedding`` slot, so rows of different embedding groups get their own group's
+bias (a per-row ``(b, h, i, j)`` tensor, which :func:`rows_of` slices with the rows).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # imported for annotations only: avoids an import cycle with polytask.heads.model
-    from polytask.heads.model import MultiTaskModel
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.transformer import EncoderDecoder, run_layers
 
 Rows = torch.Tensor | slice  # a LongTensor of row indices, or slice(None) for all rows
 
 
-def route(row_group: torch.Tensor, run: Callable[[int, torch.Tensor | slice], torch.Tensor]
-          ) -> torch.Tensor:
+class SlotTable(Protocol):
+    """What routing reads of a multi-task model (:class:`polytask.heads.model.MultiTaskModel`)."""
+
+    config: ModelConfig
+
+    def module(self, slot: str, k: int) -> nn.Module:
+        """Group ``k``'s module at ``slot``."""
+
+    def row_groups(self, slot: str, row_task: torch.Tensor) -> torch.Tensor:
+        """``(b,)`` task indices -> ``(b,)`` group index at ``slot``."""
+
+    def group_view(self, slot: str, k: int) -> EncoderDecoder:
+        """An EncoderDecoder holding group ``k``'s module at ``slot``."""
+
+
+def route(row_group: torch.Tensor, run: Callable[[int, Rows], torch.Tensor]) -> torch.Tensor:
     """Call ``run(k, rows)`` once per group ``k`` present in ``row_group`` and reassemble.
 
     Args:
@@ -41,25 +65,49 @@ def route(row_group: torch.Tensor, run: Callable[[int, torch.Tensor | slice], to
     return torch.cat(outs).index_select(0, inverse)
 
 
-def _stack_inputs(model: "MultiTaskModel", row_task: torch.Tensor,
-                  prepare: Callable[[object, torch.Tensor | slice], object]) -> dict[int, object]:
-    """Per embedding group: the stack inputs (bias, rope) computed with that group's modules."""
-    row_embed = model.row_groups("embedding", row_task)
-    return {int(k): prepare(model.group_view("embedding", int(k)),
-                            (row_embed == k).nonzero(as_tuple=True)[0])
-            for k in torch.unique(row_embed).tolist()}
+def rows_of(arg: Any, rows: Rows, n: int) -> Any:
+    """``arg[rows]`` for a per-row tensor (first dimension ``n``: x, memory, masks), ``arg``
+    itself for a per-stack one (position bias ``(1, h, i, j)``, rope) or None."""
+    if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] == n:
+        return arg[rows]
+    return arg
 
 
-def _embedding_group(model: "MultiTaskModel", slot: str, k: int) -> int:
-    """The embedding group whose stack inputs the rows of group ``k`` of ``slot`` use."""
-    task = model.plan_task(slot, k)
-    return model.plan.group_index("embedding", task)
+class RoutedLayer:
+    """The modules of ``slot``'s groups as one callable with the layer's signature: the rows
+    of group k through group k's module (one call per present group), reassembled in order.
+    ``keep(slot, out)``, if given, receives the output."""
+
+    def __init__(self, table: SlotTable, slot: str, row_task: torch.Tensor,
+                 keep: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        self.table, self.slot, self.keep = table, slot, keep
+        self.row_group = table.row_groups(slot, row_task)
+
+    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        n = x.shape[0]
+        out = route(self.row_group, lambda k, rows: self.table.module(self.slot, k)(
+            x[rows], *(rows_of(a, rows, n) for a in args)))
+        if self.keep is not None:
+            self.keep(self.slot, out)
+        return out
 
 
-def encode_mixed(model: "MultiTaskModel", src: torch.Tensor, src_mask: torch.Tensor,
+def _per_row_bias(table: SlotTable, row_embed: torch.Tensor,
+                  bias_of: Callable[[EncoderDecoder], torch.Tensor | None]) -> torch.Tensor | None:
+    """The position bias of each row's embedding group: ``(1, h, i, j)`` when one group holds
+    every row, else ``(b, h, i, j)`` (each group's table is its own parameter)."""
+    groups = torch.unique(row_embed).tolist()
+    biases = {e: bias_of(table.group_view("embedding", e)) for e in groups}
+    if len(groups) == 1 or biases[groups[0]] is None:
+        return biases[groups[0]]
+    return route(row_embed, lambda e, rows: biases[e].expand(len(rows), -1, -1, -1))
+
+
+def encode_mixed(table: SlotTable, src: torch.Tensor, src_mask: torch.Tensor,
                  row_task: torch.Tensor, keep: tuple[str, ...] = ()
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Encoder over a mixed batch.
+    """Encoder over a mixed batch: the stack's three steps (module doc of
+    :mod:`polytask.core.model.transformer`) with every slot routed.
 
     Args:
         src: ``(b, s)`` ids; src_mask: ``(b, s)`` bool; row_task: ``(b,)`` task index.
@@ -68,55 +116,43 @@ def encode_mixed(model: "MultiTaskModel", src: torch.Tensor, src_mask: torch.Ten
     """
     kept: dict[str, torch.Tensor] = {}
 
-    def embed(k: int, rows: Rows) -> torch.Tensor:
-        view = model.group_view("embedding", k)
+    def record(slot: str, out: torch.Tensor) -> None:
+        if slot in keep:
+            kept[slot] = out
+
+    def embed(e: int, rows: Rows) -> torch.Tensor:
+        view = table.group_view("embedding", e)
         return view.encoder.embed(view.embed(src[rows]))
 
-    x = route(model.row_groups("embedding", row_task), embed)
-    if "embedding" in keep:
-        kept["embedding"] = x
-    inputs = _stack_inputs(model, row_task, lambda v, r: v.encoder.prepare(src_mask[r]))
-    mask = src_mask[:, None, None, :]                                   # (b, 1, 1, s)
-    for i in range(model.config.n_encoder_layers):
-        slot = f"encoder.{i}"
-
-        def layer(k: int, rows: Rows, slot: str = slot, x: torch.Tensor = x) -> torch.Tensor:
-            p = inputs[_embedding_group(model, slot, k)]
-            return model.module(slot, k)(x[rows], mask[rows], p.position_bias, p.rope)
-
-        x = route(model.row_groups(slot, row_task), layer)
-        if slot in keep:
-            kept[slot] = x
-    x = route(model.row_groups("encoder.norm", row_task),
-              lambda k, rows, x=x: model.module("encoder.norm", k)(x[rows]))
-    if "encoder.norm" in keep:
-        kept["encoder.norm"] = x
-    return x, kept
+    row_embed = table.row_groups("embedding", row_task)
+    x = route(row_embed, embed)
+    record("embedding", x)
+    # masks and rope are the same for every group; the position bias is each group's own
+    s = src.shape[1]
+    p = table.group_view("embedding", int(row_embed[0])).encoder.prepare(src_mask)
+    p.position_bias = _per_row_bias(table, row_embed, lambda v: v.encoder.bias_and_rope(s, s)[0])
+    layers = [RoutedLayer(table, f"encoder.{i}", row_task, record)
+              for i in range(table.config.n_encoder_layers)]
+    x = run_layers(x, layers, p.layer_args())
+    return RoutedLayer(table, "encoder.norm", row_task, record)(x), kept
 
 
-def decode_mixed(model: "MultiTaskModel", tgt_in: torch.Tensor, tgt_mask: torch.Tensor,
+def decode_mixed(table: SlotTable, tgt_in: torch.Tensor, tgt_mask: torch.Tensor,
                  memory: torch.Tensor, src_mask: torch.Tensor, row_task: torch.Tensor
                  ) -> torch.Tensor:
     """Decoder (teacher forcing, no cache) over a mixed batch -> hidden ``(b, t, d)`` after
     each row's final norm. Shapes as in :meth:`polytask.core.model.transformer.EncoderDecoder.decode`."""
 
-    def embed(k: int, rows: Rows) -> torch.Tensor:
-        view = model.group_view("embedding", k)
+    def embed(e: int, rows: Rows) -> torch.Tensor:
+        view = table.group_view("embedding", e)
         return view.decoder.embed(view.embed(tgt_in[rows]), 0)
 
-    y = route(model.row_groups("embedding", row_task), embed)
-    inputs = _stack_inputs(model, row_task,
-                           lambda v, r: v.decoder.prepare(tgt_mask[r], src_mask[r]))
-    self_mask = tgt_mask[:, None, None, :]                              # (b, 1, 1, t)
-    cross_mask = src_mask[:, None, None, :]                             # (b, 1, 1, s)
-    for i in range(model.config.n_decoder_layers):
-        slot = f"decoder.{i}"
-
-        def layer(k: int, rows: Rows, slot: str = slot, y: torch.Tensor = y) -> torch.Tensor:
-            p = inputs[_embedding_group(model, slot, k)]
-            return model.module(slot, k)(y[rows], memory[rows], self_mask[rows],
-                                         cross_mask[rows], p.position_bias, p.rope)
-
-        y = route(model.row_groups(slot, row_task), layer)
-    return route(model.row_groups("decoder.norm", row_task),
-                 lambda k, rows: model.module("decoder.norm", k)(y[rows]))
+    row_embed = table.row_groups("embedding", row_task)
+    y = route(row_embed, embed)
+    t = tgt_in.shape[1]
+    p = table.group_view("embedding", int(row_embed[0])).decoder.prepare(tgt_mask, src_mask)
+    p.position_bias = _per_row_bias(table, row_embed, lambda v: v.decoder.bias_and_rope(t, t)[0])
+    layers = [RoutedLayer(table, f"decoder.{i}", row_task)
+              for i in range(table.config.n_decoder_layers)]
+    y = run_layers(y, layers, p.layer_args(memory))
+    return RoutedLayer(table, "decoder.norm", row_task)(y)

@@ -21,13 +21,14 @@ it. With enough beams to keep every prefix alive the search is therefore exhaust
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from polytask.attention.packed import packed_weights
-from polytask.core.decoding.generation import start_decoding
+from polytask.core.accelerate import accelerated
+from polytask.core.decoding.state import start_decoding
 
 
 def gnmt_length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
@@ -55,11 +56,10 @@ class _Hypotheses:
 
 
 @torch.no_grad()
-@packed_weights()  # inference-only packed weights for this call (polytask.attention.packed)
 def beam_search(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None, *,
                 num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
                 bos_id: int, eos_id: int, pad_id: int,
-                use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                use_cache: bool = True, accelerate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search for a batch of sources (model interface: :mod:`polytask.core.decoding.generation`).
 
     Args:
@@ -68,6 +68,8 @@ def beam_search(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None
         max_new_tokens: longest hypothesis; live beams are finished there without eos.
         length_penalty: GNMT's alpha.
         use_cache: KV cache reordered per step, or full re-decoding (the slow twin).
+        accelerate: run under :func:`polytask.core.accelerate.accelerated` with the fused
+            decoding step, or the plain modules (False, the twin).
 
     Returns:
         ``tokens`` ``(b, t)``: each source's best hypothesis (without the start token, padded
@@ -77,8 +79,16 @@ def beam_search(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"num_beams ({num_beams}) and max_new_tokens ({max_new_tokens}) "
                          "must be >= 1")
-    batch, k, device = src_ids.shape[0], num_beams, src_ids.device
-    state = start_decoding(model, src_ids, src_mask, pad_id, use_cache)
+    with accelerated(model, inference=True) if accelerate else contextlib.nullcontext():
+        return _search(model, src_ids, src_mask, num_beams, max_new_tokens, length_penalty,
+                       bos_id, eos_id, pad_id, use_cache, accelerate)
+
+
+def _search(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None, k: int,
+            max_new_tokens: int, length_penalty: float, bos_id: int, eos_id: int, pad_id: int,
+            use_cache: bool, step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, device = src_ids.shape[0], src_ids.device
+    state = start_decoding(model, src_ids, src_mask, pad_id, use_cache, step=step)
     # The encoder ran once on b rows; every beam of a source shares its memory. The cache is
     # still empty and fills with b * k rows on the first step.
     state.memory = state.memory.repeat_interleave(k, dim=0)  # (b*k, s, d)

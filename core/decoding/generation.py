@@ -1,11 +1,14 @@
 """Autoregressive decoding for encoder-decoder models: greedy, sampling and (in
 :mod:`polytask.core.decoding.beam`) beam search, with or without a KV cache.
 
-The model is duck-typed: anything with ``encode(src_ids, src_mask) -> memory (b, s, d)``,
-``decode(tgt_ids, memory, src_mask=None, tgt_mask=None, cache=None) -> hidden (b, t, d)``,
-``logits(hidden) -> (b, t, V)`` and ``new_cache()`` (an object with ``.length`` and
-``.reorder(index)``) works: :class:`polytask.core.model.transformer.EncoderDecoder`, a multi-task model's
+The model is duck-typed (:mod:`polytask.core.decoding.state`): an
+:class:`polytask.core.model.transformer.EncoderDecoder`, a multi-task model's
 ``for_task(name)`` view, or :class:`polytask.core.peft.PromptTuning`.
+
+``accelerate=True`` (the default) runs the call inside
+:func:`polytask.core.accelerate.accelerated` with ``inference=True`` and takes the cached steps
+through :class:`polytask.core.decoding.step.DecodingStep`; ``accelerate=False`` runs the plain
+modules, the obvious twin (the same tokens; tests/core/decoding/test_step.py).
 
 The encoder runs once. With ``use_cache=True`` each step feeds the decoder only the tokens the
 cache has not seen (one per step), so the self-attention cache grows by one entry per step;
@@ -18,79 +21,17 @@ distribution with an optional ``torch.Generator`` for reproducibility.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from polytask.attention.packed import packed_weights
-from polytask.core.decoding.step import DecodingStep
-from polytask.core.model.transformer import drop_full_mask
+from polytask.core.accelerate import accelerated
+from polytask.core.decoding.beam import beam_search
+from polytask.core.decoding.state import DecoderState, start_decoding
 
 METHODS = ("greedy", "beam", "sample")
-
-
-class DecoderState:
-    """The encoder memory, source mask and (optional) KV cache of one decoding run.
-
-    Args:
-        model: the duck-typed encoder-decoder (see the module docstring).
-        memory: ``(b, s, d)`` encoder output.
-        src_mask: ``(b, s)`` bool, True = real source token.
-        use_cache: keep a KV cache (fast path) or re-run the decoder on the full prefix.
-    """
-
-    #: take cached steps through :class:`polytask.core.decoding.step.DecodingStep` where it applies;
-    #: False always runs ``model.decode`` (the step's twin, for tests and benchmarks)
-    decoding_step: bool = True
-
-    def __init__(self, model: Any, memory: torch.Tensor, src_mask: torch.Tensor,
-                 use_cache: bool) -> None:
-        self.model = model
-        self.memory = memory
-        self.src_mask = src_mask
-        self.cache = model.new_cache() if use_cache else None
-        #: the run's DecodingStep (built inside ``generate``'s packed-weights block), or None
-        #: when the model needs the module path
-        self.step = DecodingStep.build(model) if use_cache and self.decoding_step else None
-
-    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``(b, V)`` for the token after ``tokens`` ``(b, t)`` (which start with bos).
-
-        Every position of ``tokens`` counts as real (tgt_mask all True): tokens after a row's
-        eos are padding the caller ignores, and the start token may equal pad_id (T5), so
-        deriving the mask from pad_id would be wrong here.
-        """
-        if self.cache is not None:
-            new = tokens[:, self.cache.length:]  # (b, 1) on every step but a fresh cache's
-            if new.shape[1] == 1 and self.step is not None:
-                return self.step(new, self.memory, self.cache,
-                                 drop_full_mask(self.src_mask[:, None, None, :]))
-        else:
-            new = tokens
-        tgt_mask = torch.ones_like(new, dtype=torch.bool)
-        hidden = self.model.decode(new, self.memory, src_mask=self.src_mask, tgt_mask=tgt_mask,
-                                   cache=self.cache)
-        return self.model.logits(hidden[:, -1:])[:, -1].float()  # (b, V)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` ``(b',)`` (beam search: the parents of the surviving beams)."""
-        self.memory = self.memory.index_select(0, index)
-        self.src_mask = self.src_mask.index_select(0, index)
-        if self.cache is not None:
-            self.cache.reorder(index)
-
-
-def start_decoding(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None,
-                   pad_id: int, use_cache: bool) -> DecoderState:
-    """Encode ``src_ids`` ``(b, s)`` once and return the :class:`DecoderState`;
-    ``src_mask=None`` means ``src_ids != pad_id``."""
-    if src_ids.dim() != 2:
-        raise ValueError(f"src_ids must be (b, s), got shape {tuple(src_ids.shape)}")
-    if src_mask is None:
-        src_mask = src_ids != pad_id
-    memory = model.encode(src_ids, src_mask)
-    return DecoderState(model, memory, src_mask, use_cache)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -160,7 +101,7 @@ def generate(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = 
              length_penalty: float = 1.0, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, bos_id: int | None = None, eos_id: int | None = None,
              pad_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, accelerate: bool = True) -> torch.Tensor:
     """Generate target token ids for a batch of sources.
 
     Args:
@@ -176,6 +117,8 @@ def generate(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = 
         bos_id, eos_id, pad_id: decoder start, end and padding ids; None: ``model.config``'s.
         use_cache: KV-cache decoding (fast) or full re-decoding every step (slow twin).
         generator: ``torch.Generator`` for reproducible sampling.
+        accelerate: the CPU accelerations and the fused decoding step (module doc), or the
+            plain modules (False, the twin).
 
     Returns:
         ``(b, t)`` long with ``t <= max_new_tokens``: the generated tokens without the start
@@ -195,16 +138,14 @@ def generate(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = 
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p ({top_p}) must be in (0, 1]")
     bos_id, eos_id, pad_id = _resolve_ids(model, bos_id, eos_id, pad_id)
-    with packed_weights():  # inference-only packed weights for this call (polytask.attention.packed)
-        if method == "beam":
-            from polytask.core.decoding.beam import beam_search  # beam.py imports this module; import late
-
-            tokens, _ = beam_search(model, src_ids, src_mask, num_beams=num_beams,
-                                    max_new_tokens=max_new_tokens,
-                                    length_penalty=length_penalty, bos_id=bos_id,
-                                    eos_id=eos_id, pad_id=pad_id, use_cache=use_cache)
-            return tokens
-        state = start_decoding(model, src_ids, src_mask, pad_id, use_cache)
+    if method == "beam":
+        tokens, _ = beam_search(model, src_ids, src_mask, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                                use_cache=use_cache, accelerate=accelerate)
+        return tokens
+    with accelerated(model, inference=True) if accelerate else contextlib.nullcontext():
+        state = start_decoding(model, src_ids, src_mask, pad_id, use_cache, step=accelerate)
         return _greedy_or_sample(
             state, src_ids.shape[0], src_ids.device, max_new_tokens=max_new_tokens,
             sample=method == "sample", temperature=temperature, top_k=top_k, top_p=top_p,
@@ -214,14 +155,14 @@ def generate(model: Any, src_ids: torch.Tensor, src_mask: torch.Tensor | None = 
 @torch.no_grad()
 def sequence_log_probs(model: Any, src_ids: torch.Tensor, tokens: torch.Tensor,
                        src_mask: torch.Tensor | None = None, *, bos_id: int, eos_id: int,
-                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       pad_id: int, accelerate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced score of generated ``tokens`` ``(b, t)`` (as returned by
     :func:`generate`): the sum of log-probabilities of each row's tokens up to and including
     its first eos (all ``t`` tokens if it has none), and that length.
 
     Returns ``(log_prob (b,), length (b,))``; used to compare decoding methods under one score.
     """
-    with packed_weights():
+    with accelerated(model, inference=True) if accelerate else contextlib.nullcontext():
         state = start_decoding(model, src_ids, src_mask, pad_id, use_cache=False)
         start = torch.full((tokens.shape[0], 1), bos_id, dtype=torch.long, device=tokens.device)
         tgt_in = torch.cat([start, tokens[:, :-1]], dim=1)

@@ -8,7 +8,10 @@ the operations at 10-100 µs each that Python is a fifth of the step. Measured o
 machine (docs/benchmarks.md), 32 and 256 greedy tokens at the target size: a loop calling the
 same kernels directly took 0.22 s and 1.83 s where ``generate`` took 0.27 s and 2.20 s.
 
-:class:`DecodingStep` computes the same step with the weights resolved once per decoding call:
+:class:`DecodingStep` holds a :class:`_LayerStep` per decoder layer; ``model.decode(...,
+layers=step.layers)`` runs them through the decoder's one layer loop (embedding, masks, cache
+bookkeeping and the final norm stay the decoder's own). A layer step computes the layer with
+the weights resolved once per decoding call:
 concatenated q/k/v weights, each weight re-laid once for the native small-rows kernel
 (:mod:`polytask.attention.native`; where it is not built, packed for oneDNN:
 :func:`polytask.attention.packed.reusable_linear`, the feed-forward activation inside its GEMM), and
@@ -35,16 +38,20 @@ from torch import nn
 
 from polytask.attention.functional import scaled_dot_product_attention
 from polytask.attention.kv_cache import KVCache
-from polytask.attention.multihead import MultiHeadAttention, fused_weights, merge_heads, split_heads
+from polytask.attention.fast import FastMultiHeadAttention, fused_weights
+from polytask.attention.multihead import MultiHeadAttention, merge_heads, split_heads
 from polytask.attention.native import (MAX_ROWS, SmallRowsLinear, kernels, single_query_attention,
                               single_query_fits, small_rows_linear)
 from polytask.attention.packed import ACTIVATIONS, plain_linear, reusable_linear
+from polytask.core.accelerate import FastFeedForward
 from polytask.core.model.feedforward import FeedForward
 from polytask.core.model.layers import DecoderLayer, LayerCache
 from polytask.core.model.norms import LayerNorm, RMSNorm
-from polytask.core.model.transformer import DecoderCache, EncoderDecoder
+from polytask.core.model.transformer import EncoderDecoder
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+#: the attention modules whose computation the step knows (the plain one and its fast twin)
+ATTENTIONS = (MultiHeadAttention, FastMultiHeadAttention)
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -97,21 +104,20 @@ class _LayerStep:
                       layer.ffn_norm.forward)
         weight = next(layer.parameters())   # the kernels are built only for CPU fp32 models
         built = weight.dtype is torch.float32 and weight.is_cpu and kernels() is not None
-        self.native = tuple(built and type(m) is MultiHeadAttention and m.backend == "auto"
+        self.native = tuple(built and type(m) in ATTENTIONS and m.backend == "auto"
                             for m in (sa, ca))
         self.qkv: Linear | None = None
-        if (type(sa) is MultiHeadAttention and sa.fused   # else the module's separate q, k, v
-                and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj)):
+        if type(sa) in ATTENTIONS and plain_linear(sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
             projections = (sa.q_proj, sa.k_proj, sa.v_proj)
             self.qkv = _linear(*fused_weights(*projections))
             self.qkv_sizes = [p.out_features for p in projections]
             self.self_out = _linear(sa.out_proj.weight, sa.out_proj.bias)
         self.cross_q: Linear | None = None
-        if type(ca) is MultiHeadAttention and plain_linear(ca.q_proj, ca.out_proj):
+        if type(ca) in ATTENTIONS and plain_linear(ca.q_proj, ca.out_proj):
             self.cross_q = _linear(ca.q_proj.weight, ca.q_proj.bias)
             self.cross_out = _linear(ca.out_proj.weight, ca.out_proj.bias)
         self.ffn_in: Linear | None = None
-        if type(ffn) is FeedForward and ffn.activation in ACTIVATIONS and plain_linear(ffn.wi, ffn.wo):
+        if type(ffn) in (FeedForward, FastFeedForward) and ffn.activation in ACTIVATIONS and plain_linear(ffn.wi, ffn.wo):
             self.ffn_in = _linear(ffn.wi.weight, ffn.wi.bias, ffn.activation)
             self.ffn_out = _linear(ffn.wo.weight, ffn.wo.bias)
         self.blocks = self._blocks_fit()
@@ -163,12 +169,17 @@ class _LayerStep:
         """``polytask.core.model.layers._Residual`` in eval mode (no dropout)."""
         return x + sublayer(norm(x)) if self.pre else norm(x + sublayer(x))
 
-    def __call__(self, x: torch.Tensor, memory: torch.Tensor, cache: LayerCache,
+    def __call__(self, x: torch.Tensor, memory: torch.Tensor, self_mask: torch.Tensor | None,
                  cross_mask: torch.Tensor | None, bias: torch.Tensor | None,
-                 rope: Callable | None, offset: int) -> torch.Tensor:
+                 rope: Callable | None, cache: LayerCache) -> torch.Tensor:
+        """The signature of :meth:`DecoderLayer.forward`, for one new position per row whose
+        cached keys are all real (``self_mask`` None); otherwise the layer itself runs."""
+        if self_mask is not None or x.shape[1] != 1:
+            return self.layer(x, memory, self_mask, cross_mask, bias, rope, cache)
         if (self.blocks and bias is None and rope is None and cross_mask is None
                 and x.shape[0] <= MAX_ROWS and x.dtype is torch.float32 and x.is_cpu):
             return self._native_blocks(x.view(x.shape[0], -1), memory, cache).view(x.shape)
+        offset = cache.self_attn.length
         self_norm, cross_norm, ffn_norm = self.norms
         x = self._residual(x, self_norm,
                            lambda h: self._self_attention(h, cache, bias, rope, offset))
@@ -211,12 +222,10 @@ class _LayerStep:
 
 
 class DecodingStep:
-    """``step(tokens, memory, cache, cross_mask) -> logits (b, V)`` for ``tokens`` ``(b, 1)``,
-    a :class:`polytask.core.model.transformer.DecoderCache` of this model (new, or filled with every cached
-    key real) and ``cross_mask`` ``(b, 1, 1, s)`` or None when every source position is real;
-    fills the cache like ``model.decode``. Build it with
-    :meth:`build` inside the decoding call: it copies and packs the decoder's weights, so it is
-    only right while they do not change."""
+    """The decoder's layers as :class:`_LayerStep` objects, for ``model.decode(..., layers=
+    step.layers)``: the decoder's one layer loop (:func:`polytask.core.model.transformer.run_layers`)
+    then runs them instead of the modules. Build it with :meth:`build` inside the decoding call:
+    it copies and packs the decoder's weights, so it is only right while they do not change."""
 
     def __init__(self, model: EncoderDecoder) -> None:
         self.model = model
@@ -232,15 +241,3 @@ class DecodingStep:
                 or not all(type(layer) is DecoderLayer for layer in model.decoder.layers)):
             return None
         return cls(model)
-
-    def __call__(self, tokens: torch.Tensor, memory: torch.Tensor, cache: DecoderCache,
-                 cross_mask: torch.Tensor | None) -> torch.Tensor:
-        model, decoder = self.model, self.model.decoder
-        offset = cache.length
-        x = decoder.embed(model.embed(tokens), offset)
-        bias, rope = decoder._bias_and_rope(1, offset + 1)
-        for step, layer_cache in zip(self.layers, cache.layers):
-            x = step(x, memory, layer_cache, cross_mask, bias, rope, offset)
-        real = torch.ones_like(tokens, dtype=torch.bool)
-        cache.key_mask = real if cache.key_mask is None else torch.cat([cache.key_mask, real], 1)
-        return model.logits(decoder.norm(x))[:, -1].float()

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytask.attention.packed import ACTIVATIONS as FUSABLE, apply_linear
 from polytask.core.model.config import ModelConfig
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -52,11 +51,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation in FUSABLE:   # one GEMM with the activation inside when inferring
-            h = apply_linear(self.wi, x, self.activation)
-        else:
-            h = self.act(apply_linear(self.wi, x))
-        return apply_linear(self.wo, self.dropout(h) if self.training else h)
+        return self.wo(self.dropout(self.act(self.wi(x))))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -79,8 +74,7 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(apply_linear(self.wi_0, x)) * apply_linear(self.wi_1, x)
-        return apply_linear(self.wo, self.dropout(h) if self.training else h)
+        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

@@ -4,21 +4,21 @@ and the analytic ``count_parameters(config)``.
 Shapes: b batch, s source length, t target length, d d_model, V vocabulary, h heads.
 Padding is on the right; masks are ``(b, L)`` bools, True = real token.
 
-Each stack separates its per-stack preparation (embedding positions, masks, position bias,
-rope) from the loop over its layers, so a caller can run its own loop, e.g. routing rows of a
-mixed-task batch through different layer copies::
+A stack runs in three steps, and the loop over its layers is written once, in
+:func:`run_layers`::
 
-    x = encoder.embed(model.embed(src_ids))                 # (b, s, d)
-    p = encoder.prepare(src_mask)                           # masks, bias, rope of this stack
-    for layer in my_layers:                                 # any EncoderLayer objects
-        x = layer(x, p.mask, p.position_bias, p.rope)       # rows may be sliced: x[r], p.mask[r]
+    x = encoder.embed(model.embed(src_ids))                  # (b, s, d): + positions, norm, dropout
+    p = encoder.prepare(src_mask)                            # masks, position bias, rope
+    x = run_layers(x, encoder.layers, p.layer_args())        # x = layer(x, mask, bias, rope)
     memory = encoder.norm(x)
 
-    y = decoder.embed(model.embed(tgt_ids), start=0)
-    q = decoder.prepare(tgt_mask, src_mask)
-    for layer in my_layers:
-        y = layer(y, memory, q.self_mask, q.cross_mask, q.position_bias, q.rope)
-    logits = model.logits(decoder.norm(y))
+``Encoder.forward`` and ``Decoder.forward`` are exactly these steps. Whoever needs another
+layer order passes its own ``layers``: any callables with the layer's signature. The
+multi-task model routes the rows of a mixed batch to their task's copy of a layer
+(:mod:`polytask.heads.routing`), cross-stitch units mix task columns after every layer
+(:mod:`polytask.heads.cross_stitch`), and a cached decoding step runs each layer with fewer
+Python calls (:mod:`polytask.core.decoding.step`) — all through this one loop, with the masks
+and caches prepared here.
 
 Initialisation (``init_weights``): every ``nn.Linear``/``nn.Embedding`` weight and learned
 position table ~ normal(0, ``config.weight_std``), biases zeros, norm gains ones and shifts
@@ -30,39 +30,72 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from polytask.attention.packed import apply_linear
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.feedforward import feedforward_parameters
 from polytask.core.model.layers import DecoderLayer, EncoderLayer, LayerCache
 from polytask.core.model.norms import LayerNorm, RMSNorm, build_norm, norm_parameters
 from polytask.core.model.positions import (AbsolutePositions, LearnedPositions, RelativePositionBias,
-                            RotaryEmbedding, build_positions, position_parameters)
+                                           RotaryEmbedding, build_positions, position_parameters)
+
+Rope = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``None`` when a ``(b, 1, 1, j)`` key mask lets every query see every key.
+
+    Why faster: with no mask, attention takes the kernel's unmasked (and, for causal
+    self-attention, ``is_causal``) path instead of materialising and checking a boolean mask in
+    every layer. One ``all()`` per stack per forward replaces that work in all layers.
+    """
+    return None if mask is None or bool(mask.all()) else mask
 
 
 @dataclass
 class EncoderInputs:
-    """Per-stack inputs of every encoder layer: mask ``(b, 1, 1, s)``, position_bias
-    ``(1, h, s, s)`` or None, rope callable or None."""
+    """What every encoder layer receives besides ``x``: mask ``(b, 1, 1, s)`` or None when
+    every position is real, position_bias ``(1, h, s, s)`` or None, rope or None."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     position_bias: torch.Tensor | None
-    rope: Callable[[torch.Tensor, int], torch.Tensor] | None
+    rope: Rope | None
+
+    def layer_args(self) -> tuple:
+        """The arguments after ``x`` of :meth:`EncoderLayer.forward`."""
+        return self.mask, self.position_bias, self.rope
 
 
 @dataclass
 class DecoderInputs:
-    """Per-stack inputs of every decoder layer: self_mask ``(b, 1, 1, L + t)``, cross_mask
-    ``(b, 1, 1, s)``, position_bias ``(1, h, t, L + t)`` or None, rope or None."""
+    """What every decoder layer receives besides ``x`` and ``memory``: self_mask
+    ``(b, 1, 1, L + t)`` and cross_mask ``(b, 1, 1, s)`` (None when all real), position_bias
+    ``(1, h, t, L + t)`` or None, rope or None; ``start`` = L, the positions already cached,
+    and ``keys`` ``(b, L + t)`` the key padding mask the cache holds afterwards."""
 
-    self_mask: torch.Tensor
-    cross_mask: torch.Tensor
+    self_mask: torch.Tensor | None
+    cross_mask: torch.Tensor | None
     position_bias: torch.Tensor | None
-    rope: Callable[[torch.Tensor, int], torch.Tensor] | None
+    rope: Rope | None
+    start: int
+    keys: torch.Tensor
+
+    def layer_args(self, memory: torch.Tensor) -> tuple:
+        """The arguments after ``x`` of :meth:`DecoderLayer.forward`, cache excepted."""
+        return memory, self.self_mask, self.cross_mask, self.position_bias, self.rope
+
+
+def run_layers(x: torch.Tensor, layers: Sequence[Callable[..., torch.Tensor]], args: tuple,
+               caches: Sequence[object] | None = None) -> torch.Tensor:
+    """The loop over a stack's layers: ``x = layer(x, *args)`` (``layer(x, *args, cache_n)``
+    with ``caches``), bottom to top. ``args`` come from :meth:`EncoderInputs.layer_args` or
+    :meth:`DecoderInputs.layer_args`."""
+    for n, layer in enumerate(layers):
+        x = layer(x, *args) if caches is None else layer(x, *args, caches[n])
+    return x
 
 
 class DecoderCache:
@@ -92,16 +125,6 @@ class DecoderCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
-def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``None`` when a ``(b, 1, 1, j)`` key mask lets every query see every key.
-
-    Why faster: with no mask, attention takes the kernel's unmasked (and, for causal
-    self-attention, ``is_causal``) path instead of materialising and checking a boolean mask in
-    every layer. One ``all()`` per stack per forward replaces that work in all layers.
-    """
-    return None if mask is None or bool(mask.all()) else mask
-
-
 class _Stack(nn.Module):
     """What encoder and decoder share: positions, embedding norm, dropout, final norm."""
 
@@ -122,7 +145,9 @@ class _Stack(nn.Module):
             tokens = self.embedding_norm(tokens)
         return self.dropout(tokens)
 
-    def _bias_and_rope(self, i: int, j: int):
+    def bias_and_rope(self, i: int, j: int) -> tuple[torch.Tensor | None, Rope | None]:
+        """Position bias ``(1, h, i, j)`` for ``i`` queries at the end of ``j`` keys (T5), or
+        None; the rotary embedding (RoPE), or None."""
         bias = self.positions(i, j, j - i) if isinstance(self.positions, RelativePositionBias) else None
         rope = self.positions if isinstance(self.positions, RotaryEmbedding) else None
         return bias, rope
@@ -137,14 +162,15 @@ class Encoder(_Stack):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
 
     def prepare(self, src_mask: torch.Tensor) -> EncoderInputs:
+        """The layers' inputs for ``src_mask`` ``(b, s)``."""
         s = src_mask.shape[1]
-        return EncoderInputs(src_mask[:, None, None, :], *self._bias_and_rope(s, s))
+        return EncoderInputs(drop_full_mask(src_mask[:, None, None, :]), *self.bias_and_rope(s, s))
 
-    def forward(self, tokens: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, src_mask: torch.Tensor,
+                layers: Sequence[Callable[..., torch.Tensor]] | None = None) -> torch.Tensor:
+        """``layers``: callables to run instead of ``self.layers`` (see the module doc)."""
         x, p = self.embed(tokens), self.prepare(src_mask)
-        mask = drop_full_mask(p.mask)
-        for layer in self.layers:
-            x = layer(x, mask, p.position_bias, p.rope)
+        x = run_layers(x, self.layers if layers is None else layers, p.layer_args())
         return self.norm(x)
 
 
@@ -155,27 +181,28 @@ class Decoder(_Stack):
         super().__init__(config, bidirectional=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
 
-    def prepare(self, key_mask: torch.Tensor, src_mask: torch.Tensor, t: int | None = None
-                ) -> DecoderInputs:
-        """``key_mask`` ``(b, L + t)`` covers cached and new positions; ``t`` new ones (default all)."""
-        j = key_mask.shape[1]
-        t = j if t is None else t
-        return DecoderInputs(key_mask[:, None, None, :], src_mask[:, None, None, :],
-                             *self._bias_and_rope(t, j))
-
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor,
-                src_mask: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
-        """tokens ``(b, t, d)``, memory ``(b, s, d)``, tgt_mask ``(b, t)`` of the new positions
-        -> hidden ``(b, t, d)`` after the final norm. Appends to ``cache`` if given."""
+    def prepare(self, tgt_mask: torch.Tensor, src_mask: torch.Tensor,
+                cache: DecoderCache | None = None) -> DecoderInputs:
+        """The layers' inputs for ``t`` new positions, ``tgt_mask`` ``(b, t)``, after the ones
+        ``cache`` holds, with ``src_mask`` ``(b, s)``."""
         start = cache.length if cache is not None else 0
         keys = tgt_mask if not start else torch.cat([cache.key_mask, tgt_mask], dim=1)
-        x, p = self.embed(tokens, start), self.prepare(keys, src_mask, tokens.shape[1])
-        self_mask, cross_mask = drop_full_mask(p.self_mask), drop_full_mask(p.cross_mask)
-        for n, layer in enumerate(self.layers):
-            x = layer(x, memory, self_mask, cross_mask, p.position_bias, p.rope,
-                      cache[n] if cache is not None else None)
+        bias, rope = self.bias_and_rope(tgt_mask.shape[1], keys.shape[1])
+        return DecoderInputs(drop_full_mask(keys[:, None, None, :]),
+                             drop_full_mask(src_mask[:, None, None, :]), bias, rope, start, keys)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor,
+                src_mask: torch.Tensor, cache: DecoderCache | None = None,
+                layers: Sequence[Callable[..., torch.Tensor]] | None = None) -> torch.Tensor:
+        """tokens ``(b, t, d)``, memory ``(b, s, d)``, tgt_mask ``(b, t)`` of the new positions
+        -> hidden ``(b, t, d)`` after the final norm. Appends to ``cache`` if given.
+        ``layers``: callables to run instead of ``self.layers`` (see the module doc)."""
+        p = self.prepare(tgt_mask, src_mask, cache)
+        x = self.embed(tokens, p.start)
+        x = run_layers(x, self.layers if layers is None else layers, p.layer_args(memory),
+                       cache.layers if cache is not None else None)
         if cache is not None:
-            cache.key_mask = keys
+            cache.key_mask = p.keys
         return self.norm(x)
 
 
@@ -230,9 +257,11 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, tgt_ids: torch.Tensor, memory: torch.Tensor,
                src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
-               cache: DecoderCache | None = None) -> torch.Tensor:
+               cache: DecoderCache | None = None,
+               layers: Sequence[Callable[..., torch.Tensor]] | None = None) -> torch.Tensor:
         """``tgt_ids`` ``(b, t)`` (the new tokens when ``cache`` holds earlier ones), memory
-        ``(b, s, d)`` -> hidden ``(b, t, d)`` after the final norm.
+        ``(b, s, d)`` -> hidden ``(b, t, d)`` after the final norm. ``layers`` as in
+        :meth:`Decoder.forward`.
 
         ``src_mask=None`` means every memory position is real (pass the mask used in
         ``encode``). ``tgt_mask=None`` derives it from ``pad_id`` except that target position 0,
@@ -245,13 +274,13 @@ class EncoderDecoder(nn.Module):
             if cache is None or cache.length == 0:
                 tgt_mask[:, 0] = True
         tgt_mask = self._mask(tgt_ids, tgt_mask, "tgt_mask")
-        return self.decoder(self.embed(tgt_ids), memory, tgt_mask, src_mask, cache)
+        return self.decoder(self.embed(tgt_ids), memory, tgt_mask, src_mask, cache, layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(b, t, d)`` -> ``(b, t, V)``; T5 scales tied outputs by ``d**-0.5`` first."""
         if self.config.rescale_tied_output:
             hidden = hidden * self.config.d_model ** -0.5
-        return apply_linear(self.lm_head, hidden)
+        return self.lm_head(hidden)
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
                 src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None

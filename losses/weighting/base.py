@@ -9,8 +9,16 @@ GradNorm, FAMO); others combine per-task gradients directly (PCGrad). Both fit o
     optimizer.step()
 
 Interface (every method):
-    Weighting(task_names, **options)
+    Weighting(task_names, **options, gradient_reducer=None)
         ``task_names``: every task of the run, in the run's order (k tasks).
+        ``options``: the method's own settings (the run config's ``weighting.options``).
+        ``gradient_reducer``: keyword-only, set by the training loop, never by a config: a
+        callable applied to the stacked ``(k, P)`` per-task gradients before any surgery or
+        norm uses them (under data parallelism
+        :func:`polytask.core.training.distributed.average`, so every rank sees the gradients of
+        the global batch); ``None`` (default) leaves them as computed. It is kept on the
+        instance (``weighting.gradient_reducer``), not in the ``state_dict``: a process
+        function, not training state.
     backward(losses, shared_params, *, extra=None, last_shared=None) -> dict[str, float]
         ``losses``: task name -> scalar loss of this step. Tasks absent from the dict (a mixed
         batch without rows of that task, partial labels) contribute nothing and their state
@@ -39,17 +47,18 @@ import torch
 from torch import Tensor, nn
 
 
-GRADIENT_REDUCER: "Callable[[Tensor], Tensor] | None" = None
-"""Set by the training loop under data parallelism (:func:`polytask.core.training.distributed.average`):
-applied to the ``(k, P)`` per-task gradients so every rank's surgery sees the global batch."""
+GradientReducer = Callable[[Tensor], Tensor]
+"""``(k, P)`` per-task gradients -> ``(k, P)`` reduced ones (e.g. averaged over data-parallel ranks)."""
 
 
-def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) -> dict[str, Tensor]:
+def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor], *,
+                   reduce: GradientReducer | None = None) -> dict[str, Tensor]:
     """Gradient of each task loss w.r.t. ``params``, flattened and concatenated: name -> ``(P,)``.
 
     Parameters a loss does not reach get zeros. The graph is retained so the caller can still
-    backpropagate the total. This is the single place per-task gradients are formed: under
-    DDP, all-reduce (average) each vector here, before any surgery or norm uses it.
+    backpropagate the total. This is the single place per-task gradients are formed: ``reduce``
+    (a weighting passes its ``gradient_reducer``; under DDP the all-reduce average) is applied
+    here to the stacked ``(k, P)`` gradients, before any surgery or norm uses them.
     """
     params = list(params)
     if not params:
@@ -59,8 +68,13 @@ def task_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) -> dict[
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                for g, p in zip(grads, params)])
-    if GRADIENT_REDUCER is not None and out:
-        reduced = GRADIENT_REDUCER(torch.stack(list(out.values())))
+    if reduce is not None and out:
+        stacked = torch.stack(list(out.values()))
+        reduced = reduce(stacked)
+        if not isinstance(reduced, Tensor) or reduced.shape != stacked.shape:
+            raise ValueError(f"the gradient reducer must return a tensor of shape "
+                             f"{tuple(stacked.shape)} (k tasks, P parameters), got "
+                             f"{getattr(reduced, 'shape', type(reduced).__name__)}")
         out = dict(zip(out, reduced.unbind(0)))
     return out
 
@@ -78,11 +92,21 @@ class Weighting(nn.Module):
     """Base class; see the module docstring for the interface every method follows.
 
     Subclasses that only choose loss weights implement :meth:`objective`; the default
-    :meth:`backward` differentiates it (+ ``extra``).
+    :meth:`backward` differentiates it (+ ``extra``). Subclasses take ``gradient_reducer``
+    keyword-only, pass it to ``super().__init__``, and give ``self.gradient_reducer`` to every
+    :func:`task_gradients` call.
     """
 
-    def __init__(self, task_names: Sequence[str]) -> None:
+    def __init__(self, task_names: Sequence[str], *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
         super().__init__()
+        if gradient_reducer is not None and not callable(gradient_reducer):
+            raise TypeError(f"gradient_reducer must be a callable (k, P) tensor -> (k, P) tensor "
+                            f"or None, got {gradient_reducer!r}; the training loop sets it, a run "
+                            f"config cannot")
+        # Stored past nn.Module.__setattr__ so that even an nn.Module reducer is not registered
+        # as a submodule: never a parameter, buffer or state_dict entry.
+        object.__setattr__(self, "gradient_reducer", gradient_reducer)
         names = list(task_names)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"task_names must be non-empty strings, got {names!r}")

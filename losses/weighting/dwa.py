@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting, weighted_sum
+from polytask.losses.weighting.base import GradientReducer, Weighting, weighted_sum
 
 
 @register_weighting("dwa")
@@ -26,10 +26,12 @@ class DynamicWeightAverage(Weighting):
     """Args:
         task_names: every task of the run (K = their number).
         temperature: T (2 in the paper); larger T -> weights closer to 1.
+        gradient_reducer: see :mod:`polytask.losses.weighting.base` (unused: no per-task gradients).
     """
 
-    def __init__(self, task_names: Sequence[str], temperature: float = 2.0) -> None:
-        super().__init__(task_names)
+    def __init__(self, task_names: Sequence[str], temperature: float = 2.0, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         if temperature <= 0:
             raise ValueError(f"temperature = {temperature} must be > 0")
         self.temperature = float(temperature)

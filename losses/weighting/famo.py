@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting
+from polytask.losses.weighting.base import GradientReducer, Weighting
 
 
 @register_weighting("famo")
@@ -41,11 +41,13 @@ class FAMO(Weighting):
         gamma: regularisation pulling xi towards 0 (equal weights).
         min_losses: optional task name -> lower bound of its loss (default 0).
         eps: added inside the log for stability.
+        gradient_reducer: see :mod:`polytask.losses.weighting.base` (unused: no per-task gradients).
     """
 
     def __init__(self, task_names: Sequence[str], lr: float = 0.025, gamma: float = 1e-3,
-                 min_losses: dict[str, float] | None = None, eps: float = 1e-8) -> None:
-        super().__init__(task_names)
+                 min_losses: dict[str, float] | None = None, eps: float = 1e-8, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         if lr <= 0 or gamma < 0 or eps < 0:
             raise ValueError(f"need lr > 0, gamma >= 0, eps >= 0; got lr={lr}, gamma={gamma}, eps={eps}")
         min_losses = dict(min_losses or {})

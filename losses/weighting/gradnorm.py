@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting, run_backward, task_gradients, weighted_sum
+from polytask.losses.weighting.base import (GradientReducer, Weighting, run_backward, task_gradients,
+                                            weighted_sum)
 
 
 @register_weighting("gradnorm")
@@ -36,11 +37,14 @@ class GradNorm(Weighting):
         alpha: restoring-force strength (0: equal gradient norms; paper uses 0.12 - 3).
         lr: learning rate of the weights' gradient step.
         min_weight: floor applied before renormalisation (see module docstring).
+        gradient_reducer: applied to the ``(k, P)`` per-task gradients on the last shared layer
+            before their norms are taken (see :mod:`polytask.losses.weighting.base`).
     """
 
     def __init__(self, task_names: Sequence[str], alpha: float = 1.5, lr: float = 0.025,
-                 min_weight: float = 1e-6) -> None:
-        super().__init__(task_names)
+                 min_weight: float = 1e-6, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         if alpha < 0 or lr <= 0 or min_weight < 0:
             raise ValueError(f"need alpha >= 0, lr > 0, min_weight >= 0; got alpha={alpha}, "
                              f"lr={lr}, min_weight={min_weight}")
@@ -81,7 +85,7 @@ class GradNorm(Weighting):
             init = self.initial_losses.clone()
             init[idx[first]] = current[first]
             self.initial_losses = init
-        grads = task_gradients(losses, last_shared)                        # name -> (P,)
+        grads = task_gradients(losses, last_shared, reduce=self.gradient_reducer)  # name -> (P,)
         grad_norms = torch.stack([grads[n].detach().to(self.initial_losses).norm() for n in names])
 
         w = self.task_weights[idx].clone().requires_grad_(True)

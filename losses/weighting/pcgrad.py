@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting, add_flat_grad, run_backward, task_gradients, weighted_sum
+from polytask.losses.weighting.base import (GradientReducer, Weighting, add_flat_grad, run_backward,
+                                            task_gradients, weighted_sum)
 
 
 def project_conflicting(grads: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -41,10 +42,13 @@ class PCGrad(Weighting):
     """Args:
         task_names: every task of the run.
         seed: seed of the generator that orders the projections.
+        gradient_reducer: applied to the ``(k, P)`` per-task gradients on the shared parameters
+            before the projections (see :mod:`polytask.losses.weighting.base`).
     """
 
-    def __init__(self, task_names: Sequence[str], seed: int = 0) -> None:
-        super().__init__(task_names)
+    def __init__(self, task_names: Sequence[str], seed: int = 0, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def get_extra_state(self) -> dict[str, Tensor]:
@@ -62,7 +66,7 @@ class PCGrad(Weighting):
             return {}
         losses = {n: losses[n] for n in present}
         shared = [p for p in shared_params if p.requires_grad]
-        grads = task_gradients(losses, shared)                              # name -> (P,)
+        grads = task_gradients(losses, shared, reduce=self.gradient_reducer)      # name -> (P,)
         stacked = torch.stack([grads[n] for n in present])                  # (k, P)
         surgery = project_conflicting(stacked, self.generator)
         # One backward of the plain sum gives private parameters (and extra) their gradients;

@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import Tensor
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting, weighted_sum
+from polytask.losses.weighting.base import GradientReducer, Weighting, weighted_sum
 
 
 @register_weighting("static")
@@ -16,10 +16,12 @@ class StaticWeighting(Weighting):
     Args:
         task_names: every task of the run.
         weights: optional task name -> weight (>= 0); tasks not listed keep 1.
+        gradient_reducer: see :mod:`polytask.losses.weighting.base` (unused: no per-task gradients).
     """
 
-    def __init__(self, task_names: Sequence[str], weights: dict[str, float] | None = None) -> None:
-        super().__init__(task_names)
+    def __init__(self, task_names: Sequence[str], weights: dict[str, float] | None = None, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         weights = dict(weights or {})
         unknown = [n for n in weights if n not in self.index]
         if unknown:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import Weighting
+from polytask.losses.weighting.base import GradientReducer, Weighting
 
 
 @register_weighting("uncertainty")
@@ -32,10 +32,12 @@ class UncertaintyWeighting(Weighting):
     """Args:
         task_names: every task of the run.
         init_log_var: initial s_i (0: every weight exp(-s) starts at 1).
+        gradient_reducer: see :mod:`polytask.losses.weighting.base` (unused: no per-task gradients).
     """
 
-    def __init__(self, task_names: Sequence[str], init_log_var: float = 0.0) -> None:
-        super().__init__(task_names)
+    def __init__(self, task_names: Sequence[str], init_log_var: float = 0.0, *,
+                 gradient_reducer: GradientReducer | None = None) -> None:
+        super().__init__(task_names, gradient_reducer=gradient_reducer)
         self.log_vars = nn.ParameterList(
             [nn.Parameter(torch.tensor(float(init_log_var))) for _ in self.task_names])
 

@@ -12,7 +12,7 @@ pytest.importorskip("onnx", reason="ONNX export needs the onnx package (extra [o
 pytest.importorskip("onnxruntime", reason="the export check runs the graphs with onnxruntime (extra [onnx])")
 
 from polytask.core.model.config import ModelConfig  # noqa: E402
-from polytask.core.export import check_onnx, export_model, export_onnx, onnx_greedy  # noqa: E402
+from polytask.core.export import check_onnx, export_model, onnx_greedy  # noqa: E402
 from polytask.core.decoding.generation import generate  # noqa: E402
 from polytask.core.model.transformer import EncoderDecoder  # noqa: E402
 
@@ -73,9 +73,10 @@ def test_check_detects_a_mismatch(exported):
 
 def test_export_run_directory(tmp_path):
     from polytask.core.training.checkpoint import save_weights, write_json
-    from polytask.experiments.train import setup
+    from polytask.experiments.build import build_run as setup
     from polytask.experiments.config import load_config
     from polytask.experiments.runs import resolve_tasks
+    from polytask.experiments.runs import export_run
 
     cfg = load_config("experiments/configs/tiny.yaml",
                       ["model.d_model=16", "model.d_ff=32", "model.n_heads=2",
@@ -87,9 +88,9 @@ def test_export_run_directory(tmp_path):
     write_json(run / "config.json", cfg.to_dict())
     save_weights(run / "model.safetensors", model)
     first = specs[0].name
-    paths = export_onnx(run, tmp_path / "onnx", tasks=[first])
+    paths = export_run(run, tmp_path / "onnx", tasks=[first])
     assert [p.relative_to(tmp_path / "onnx").as_posix() for p in paths] == [
         f"{first}/encoder.onnx", f"{first}/decoder.onnx", f"{first}/decoder_with_past.onnx",
         f"{first}/export.json"]
     with pytest.raises(ValueError, match="unknown task 'nope'; tasks: "):
-        export_onnx(run, tmp_path / "onnx", tasks=["nope"])
+        export_run(run, tmp_path / "onnx", tasks=["nope"])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from polytask.attention.kv_cache import KVCache
+from polytask.attention.fast import FastMultiHeadAttention
 from polytask.attention.multihead import MultiHeadAttention
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.positions import SinusoidalPositions
@@ -14,9 +15,11 @@ from polytask.core.model.transformer import EncoderDecoder
 
 
 def _mha(fused: bool, **kw) -> MultiHeadAttention:
+    """The plain attention, or (``fused``) its fast twin with the same weights."""
     torch.manual_seed(0)
     m = MultiHeadAttention(12, 4, backend="sdpa", **kw).double()
-    m.fused = fused
+    if fused:
+        m.__class__ = FastMultiHeadAttention   # what polytask.core.accelerate.accelerated does
     return m
 
 
@@ -77,12 +80,15 @@ def test_dropping_all_true_masks_equals_passing_them():
     # The twin: the stack loops written out with the (all-True) masks passed to every layer.
     src_mask, tgt_mask = src != 0, tgt != 0
     x, p = model.encoder.embed(model.embed(src)), model.encoder.prepare(src_mask)
+    assert p.mask is None                                  # dropped by prepare
+    full_src = src_mask[:, None, None, :]
     for layer in model.encoder.layers:
-        x = layer(x, p.mask, p.position_bias, p.rope)
+        x = layer(x, full_src, p.position_bias, p.rope)
     memory = model.encoder.norm(x)
     y, q = model.decoder.embed(model.embed(tgt)), model.decoder.prepare(tgt_mask, src_mask)
+    assert q.self_mask is None and q.cross_mask is None
     for layer in model.decoder.layers:
-        y = layer(y, memory, q.self_mask, q.cross_mask, q.position_bias, q.rope)
+        y = layer(y, memory, tgt_mask[:, None, None, :], full_src, q.position_bias, q.rope)
     slow = model.logits(model.decoder.norm(y))
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-12)
     g_fast = torch.autograd.grad(fast.sum(), list(model.parameters()), allow_unused=True)
@@ -103,15 +109,15 @@ def test_cached_sinusoidal_table_equals_computed_rows(dtype):
 
 
 def _count_concatenations(monkeypatch) -> dict:
-    import polytask.attention.multihead as multihead
+    import polytask.attention.fast as fast
     calls = {"n": 0}
-    real = multihead._concatenated
+    real = fast._concatenated
 
     def counted(projections):
         calls["n"] += 1
         return real(projections)
 
-    monkeypatch.setattr(multihead, "_concatenated", counted)
+    monkeypatch.setattr(fast, "_concatenated", counted)
     return calls
 
 

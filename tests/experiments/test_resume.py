@@ -109,5 +109,5 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, uni
 
 
 def _model_for(run):
-    from polytask.experiments.train import load_run
+    from polytask.experiments.runs import load_run
     return load_run(run)[3] if (run / "model.safetensors").exists() else None

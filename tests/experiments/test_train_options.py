@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polytask.experiments.train import load_run
+from polytask.experiments.runs import load_run
 from polytask.experiments.cli import main
 from polytask.experiments.config import load_config
 from polytask.experiments.runs import train_run
@@ -21,7 +21,7 @@ FAST = ["train.max_steps=4", "train.eval_every=2", "train.save_every=4", "data.e
 def _initial_weights(cfg, tmp_path):
     """The weights a run starts from: the loop's own setup, with the same seed."""
     from polytask.core.training.checkpoint import model_state
-    from polytask.experiments.train import setup
+    from polytask.experiments.build import build_run as setup
     from polytask.experiments.runs import resolve_tasks
     (tmp_path / "init").mkdir()
     _, _, model = setup(cfg, resolve_tasks(cfg), tmp_path / "init", fresh_tokenizer=True)

@@ -6,7 +6,7 @@ import pytest
 
 from polytask import heads
 from polytask.heads import SharingConfig, build_model
-from polytask.heads.plan import CUSTOM_PLANS
+from polytask.heads.config import CUSTOM_PLANS
 from heads_tiny import make_batch, three_tasks, tiny_config
 
 ROOT = Path(__file__).parents[2]
