@@ -10,8 +10,8 @@ if not __name__.startswith("polytask."):  # the checkout's folder imported under
                       f"polytask.{__name__} (pip install -e .); a second copy under the bare "
                       "name would hold second copies of every registry")
 
-from polytask.heads.config import STRATEGIES, SharingConfig
-from polytask.heads.plan import SharingPlan, make_plan, register_plan, slot_names, strategy_names
+from polytask.heads.config import STRATEGIES, SharingConfig, register_plan, strategy_names
+from polytask.heads.plan import SharingPlan, make_plan, slot_names
 from polytask.heads.classifier import ClassifierHead, pool
 from polytask.heads.rank import RankHead, label_scores, rank_classify
 from polytask.heads.model import MultiTaskModel, MultiTaskOutput, TaskOutput

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from polytask.core.model.config import ModelConfig
 from polytask.core.data.tasks import TaskSpec
-from polytask.heads.config import CUSTOM_PLANS, SharingConfig, register_plan, strategy_names  # noqa: F401
+from polytask.heads.config import CUSTOM_PLANS, SharingConfig
 
 Group = frozenset[str]
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from polytask.attention.packed import packed_weights
+from polytask.core.accelerate import accelerated
 from polytask.core.decoding.generation import generate
 from polytask.experiments.bench.attention import round_robin
 from polytask.experiments.bench.flops import CLOCKS
@@ -57,7 +57,7 @@ def run(size: Size, lengths: list[int], *, repeats: int = 3, include_hf: bool = 
     ours = models["polytask"]
 
     def encode() -> torch.Tensor:
-        with packed_weights():   # as in generate (polytask.attention.packed)
+        with accelerated(ours, inference=True):   # as in generate
             return ours.encode(src)
 
     encoders = {"polytask": encode}
