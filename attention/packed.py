@@ -21,9 +21,9 @@ tensors, a 2-d weight of at least :data:`MIN_WEIGHT_NUMEL` entries and an input 
 
 * with autograd (training): :class:`_OneDNNLinear`, the forward product and the input
   gradient in oneDNN with the plain weight, the weight gradient with torch's ``mm``;
-* without, inside a :func:`packed_weights` block (``polytask.core.decoding.generation.generate``,
-  ``beam_search`` and ``sequence_log_probs`` open one): the packed weight, the activation in
-  the GEMM;
+* without, inside a :func:`packed_weights` block (``generate``, ``beam_search`` and
+  ``sequence_log_probs`` open one through :func:`polytask.core.accelerate.accelerated` with
+  ``inference=True``): the packed weight, the activation in the GEMM;
 * without, outside a block: the plain weight, the activation in the GEMM.
 
 Why a block: a packed copy is only right while its weight is unchanged, and PyTorch's version

@@ -71,7 +71,8 @@ def check(root: Path) -> list[str]:
                                 f"into floor {floor(name)} ({name})")
             if target in graph:
                 graph[name].add(target)
-    problems += [f"import cycle: {' -> '.join(c + [c[0]])}" for c in cycles(graph)]
+    problems += [f"import cycle among {', '.join(c)} (each imports another, in a circle)"
+                 for c in cycles(graph)]
     return problems
 
 
@@ -147,8 +148,8 @@ def test_a_cycle_on_one_floor_is_found(tmp_path):
         "heads/a.py": "from polytask.heads.b import x\n",
         "heads/b.py": "def g():\n    from polytask.heads import c\n",
         "heads/c.py": "import polytask.heads.a\n"})
-    assert check(root) == ["import cycle: polytask.heads.a -> polytask.heads.b -> "
-                           "polytask.heads.c -> polytask.heads.a"]
+    assert check(root) == ["import cycle among polytask.heads.a, polytask.heads.b, "
+                           "polytask.heads.c (each imports another, in a circle)"]
 
 
 def test_a_bare_name_and_a_relative_upward_import_are_found(tmp_path):
