@@ -15,10 +15,14 @@ from polytask.core.data.collate import CollateReport
 from polytask.core.data.sampling import MixtureSampler
 from polytask.core.data.task_data import TaskData
 from polytask.core.data.tasks import TaskSpec
-from polytask.core.data.tokenizer import Tokenizer
+from polytask.core.data.pretrained_tokenizers import load_tokenizer
+from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
+from polytask.core.interop import from_hf
+from polytask.core.model.transformer import EncoderDecoder
+from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.training import distributed
 from polytask.core.training.optim import freeze, lr_lambda, make_optimizer
-from polytask.experiments.config import RunConfig
+from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind
 from polytask.heads import build_model
 from polytask.heads.model import MultiTaskModel
 from polytask.heads.objective import MultiTaskObjective
@@ -37,25 +41,90 @@ def tokenizer_corpus(data: TaskData) -> list[str]:
     return list(data.corpus())
 
 
+def resolve_tasks(cfg: RunConfig) -> list[TaskSpec]:
+    """``tasks: <suite name>`` -> the built-in suite's specs; a list is used as given."""
+    if isinstance(cfg.tasks, str):
+        from polytask.experiments.suite import load_suite
+        return load_suite(cfg.tasks)
+    return list(cfg.tasks)
+
+
+def load_run_tokenizer(run_dir: Path) -> TextTokenizer:
+    """A run's tokenizer: ``tokenizer.model`` (trained on the run's tasks) or ``tokenizer/``
+    (a pretrained checkpoint's, copied there by :func:`build_run`)."""
+    if (run_dir / "tokenizer.model").is_file():
+        return Tokenizer.load(run_dir / "tokenizer.model")
+    if (run_dir / "tokenizer").is_dir():
+        return load_tokenizer(run_dir / "tokenizer")
+    raise ValueError(f"{run_dir}: no tokenizer.model and no tokenizer/ directory")
+
+
+def init_tokenizer(init: str) -> TextTokenizer:
+    """The tokenizer of an ``init:`` checkpoint (a Hugging Face directory's own, or a run's)."""
+    return load_tokenizer(Path(init)) if init_kind(init) == "hf" else load_run_tokenizer(Path(init))
+
+
+def init_backbone(init: str) -> EncoderDecoder:
+    """The weights an ``init:`` checkpoint gives every task's backbone: a Hugging Face model, or
+    a polytask run's first task's EncoderDecoder (its best weights when it kept them; under
+    hard sharing this is the shared backbone)."""
+    path = Path(init)
+    if init_kind(path) == "hf":
+        return from_hf(path)
+    cfg = RunConfig.from_dict(read_json(path / "config.json"), resolve_init=False)
+    _, _, model = build_run(cfg, resolve_tasks(cfg), path, fresh_tokenizer=False)
+    best = path / "best.safetensors"
+    load_weights(best if best.is_file() else path / "model.safetensors", model)
+    return model.for_column(model.tasks[0].name)
+
+
+def _check_init(cfg: RunConfig, backbone: EncoderDecoder, tokenizer: TextTokenizer) -> None:
+    """The checkpoint's weights and tokenizer fit the run's model config."""
+    ours, theirs = cfg.model.to_dict(), backbone.config.to_dict()
+    wrong = [k for k in ours if k not in MAY_DIFFER and ours[k] != theirs[k]]
+    if wrong:
+        raise ValueError(f"init: {cfg.init}: the weights have {', '.join(f'{k} = {theirs[k]!r}' for k in wrong)}"
+                         f" where its config.json gives {', '.join(f'{ours[k]!r}' for k in wrong)}")
+    for name in ("pad_id", "bos_id", "eos_id"):
+        if getattr(tokenizer, name) != getattr(cfg.model, name):
+            raise ValueError(f"init: {cfg.init}: the tokenizer's {name} is "
+                             f"{getattr(tokenizer, name)}, the model's {getattr(cfg.model, name)}")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"init: {cfg.init}: the tokenizer has {tokenizer.vocab_size} ids, the "
+                         f"model's vocabulary {cfg.model.vocab_size}")
+
+
 def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tokenizer: bool,
-              rank: int = 0) -> tuple[TaskData, Tokenizer, MultiTaskModel]:
-    """Data, tokenizer and model for a run directory. With ``fresh_tokenizer`` the tokenizer
-    is trained on the run's training texts and saved there (under data parallelism by rank 0;
-    the others load it), otherwise loaded from it. The model's initialisation depends on
-    ``train.seed`` only."""
+              rank: int = 0) -> tuple[TaskData, TextTokenizer, MultiTaskModel]:
+    """Data, tokenizer and model for a run directory. ``fresh_tokenizer``: a new run — its
+    tokenizer is trained on the run's training texts (or, with ``init:``, copied from the
+    checkpoint) and saved in ``run_dir`` (under data parallelism by rank 0; the others load
+    it), and with ``init:`` the model starts from the checkpoint's weights; otherwise both come
+    from ``run_dir`` later (the caller loads the weights). The initialisation of everything not
+    loaded depends on ``train.seed`` only."""
     data = TaskData.load(specs)
-    tok_path = run_dir / "tokenizer.model"
     if fresh_tokenizer and rank == 0:
-        tokenizer = Tokenizer.train(tokenizer_corpus(data), cfg.data.vocab_size,
-                                    model_type=cfg.data.tokenizer)
-        tokenizer.save(tok_path)
+        if cfg.init is None:
+            tokenizer = Tokenizer.train(tokenizer_corpus(data), cfg.data.vocab_size,
+                                        model_type=cfg.data.tokenizer)
+            tokenizer.save(run_dir / "tokenizer.model")
+        else:
+            tokenizer = init_tokenizer(cfg.init)
+            tokenizer.save(run_dir / "tokenizer")
     distributed.barrier()
     if not (fresh_tokenizer and rank == 0):
-        tokenizer = Tokenizer.load(tok_path)
-    model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        tokenizer = load_run_tokenizer(run_dir)
+    if cfg.init is None:
+        model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    else:
+        model_cfg = cfg.model       # the checkpoint's (experiments.config.init_model_config)
+    pretrained = None
+    if cfg.init is not None and fresh_tokenizer:
+        pretrained = init_backbone(cfg.init)
+        _check_init(cfg, pretrained, tokenizer)
     seed_everything(cfg.train.seed)
-    model = build_model(model_cfg, specs, cfg.sharing).to(
+    model = build_model(model_cfg, specs, cfg.sharing, pretrained=pretrained).to(
         device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
     return data, tokenizer, model
 

@@ -79,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if args.config:
             raise UsageError("polytask train: give either CONFIG or --resume RUN_DIR, not both")
         run_dir = Path(args.resume)
-        cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+        cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
         summary = train_run(cfg, run_dir, resume=True, progress=not args.no_progress)
     else:
         if not args.config:

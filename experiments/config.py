@@ -8,7 +8,14 @@ weighting: {method: static}                    # losses.get_weighting(method)(**
 losses:    {ce: {label_smoothing: 0.1}}        # options per loss name
 data:      {sampling: proportional}            # DataConfig
 train:     {max_steps: 200, batch_size: 16}    # TrainConfig
+init:      path/to/hf-t5-dir                   # optional: start from a pretrained checkpoint
 ```
+
+``init:`` names a local Hugging Face T5/BART directory or a polytask run directory. The model
+section then comes from the checkpoint: a ``model:`` key may only repeat the checkpoint's value,
+except :data:`MAY_DIFFER` (regularisation and kernels, which do not change the function the
+weights compute). The run uses the checkpoint's tokenizer (``data.vocab_size`` and
+``data.tokenizer`` are not used).
 
 Overrides use dotted keys, parsed as YAML scalars (never ``eval``):
 ``train.max_steps=50 sharing.strategy=soft model.d_model=64``.
@@ -24,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from polytask.core.interop import hf_model_config
 from polytask.core.model.config import ModelConfig, check_fields, from_dict
 from polytask.core.data.tasks import TaskSpec
 from polytask.heads.config import SharingConfig
@@ -98,10 +106,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every",
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every",
                      "max_bad_steps", "generation_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} = {getattr(self, name)} must be positive")
+        if self.max_steps < 0:   # 0: evaluate and save the initial model (e.g. a pretrained one)
+            raise ValueError(f"train.max_steps = {self.max_steps} must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"train.lr = {self.lr} must be positive")
         if self.batch_size % self.grad_accum:
@@ -125,7 +135,47 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train")
+SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train", "init")
+
+#: model keys that may differ from an ``init:`` checkpoint's
+MAY_DIFFER = ("dropout", "attention_dropout", "attention_backend")
+
+
+def init_kind(path: str | Path) -> Literal["hf", "run"]:
+    """``hf`` for a Hugging Face model directory, ``run`` for a polytask run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"init: {path} is not a directory (expected a Hugging Face T5/BART "
+                         "directory or a polytask run directory)")
+    if (path / "config.json").is_file():
+        try:
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"init: {path / 'config.json'}: not a JSON file ({err})") from None
+        if isinstance(data, dict) and "model_type" in data:
+            return "hf"
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            return "run"
+    raise ValueError(f"init: {path} holds neither a Hugging Face config.json (with model_type) "
+                     "nor a polytask run's config.json")
+
+
+def init_model_config(path: str | Path, given: dict[str, Any] | None) -> ModelConfig:
+    """The checkpoint's model config with the ``model:`` keys of the run config applied; a
+    key that contradicts the checkpoint raises, naming both values."""
+    if init_kind(path) == "hf":
+        base = hf_model_config(path)
+    else:
+        saved = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["model"]
+        base = from_dict(ModelConfig, saved, "model")
+    given = dict(given or {})
+    from_dict(ModelConfig, {**base.to_dict(), **given}, "model")   # unknown keys and types
+    for key, value in given.items():
+        ours = getattr(base, key)
+        if key not in MAY_DIFFER and value != ours:
+            raise ValueError(f"model.{key} = {value!r} contradicts the init checkpoint {path} "
+                             f"({key} = {ours!r}); only {', '.join(MAY_DIFFER)} may differ")
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if k in MAY_DIFFER})
 
 
 @dataclass
@@ -137,9 +187,12 @@ class RunConfig:
     losses: dict[str, dict[str, Any]] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], *, resolve_init: bool = True) -> "RunConfig":
+        """``resolve_init``: read an ``init:`` checkpoint's model config (see the module doc);
+        False for a run's own saved config.json, whose model section is already complete."""
         if not isinstance(data, dict):
             raise ValueError(f"a run config must be a mapping of sections, got {type(data).__name__}")
         unknown = [k for k in data if k not in SECTIONS]
@@ -153,8 +206,16 @@ class RunConfig:
         losses = data.get("losses") or {}
         if not isinstance(losses, dict) or not all(isinstance(v, dict) for v in losses.values()):
             raise ValueError(f"losses must map loss names to option mappings, got {losses!r}")
+        init = data.get("init")
+        if init is not None and not isinstance(init, str):
+            raise ValueError(f"init = {init!r} must be a directory path")
+        if init is not None and resolve_init:
+            model = init_model_config(init, data.get("model"))
+        else:
+            model = from_dict(ModelConfig, data.get("model"), "model")
         return cls(
-            model=from_dict(ModelConfig, data.get("model"), "model"),
+            init=init,
+            model=model,
             tasks=tasks,
             sharing=from_dict(SharingConfig, data.get("sharing"), "sharing"),
             weighting=from_dict(WeightingConfig, data.get("weighting"), "weighting"),

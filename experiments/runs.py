@@ -13,25 +13,16 @@ import torch
 
 from polytask.core.accelerate import accelerated
 from polytask.core.data.task_data import Example, apply_template, format_source
-from polytask.core.data.tasks import TaskSpec
 from polytask.core.data.tokenizer import Tokenizer
 from polytask.core.decoding.generation import generate
 from polytask.core.export import export_model
 from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.data.task_data import TaskData
-from polytask.experiments.build import build_run
+from polytask.experiments.build import build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
 from polytask.experiments.train import train
 from polytask.heads.model import DECODER_HEADS, MultiTaskModel
-
-
-def resolve_tasks(cfg: RunConfig) -> list[TaskSpec]:
-    """``tasks: <suite name>`` -> the built-in suite's specs; a list is used as given."""
-    if isinstance(cfg.tasks, str):
-        from polytask.experiments.suite import load_suite
-        return load_suite(cfg.tasks)
-    return list(cfg.tasks)
 
 
 def train_run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
@@ -45,7 +36,7 @@ def metric_names(summary: dict[str, Any]) -> dict[str, str]:
 
 def load_run(run_dir: Path) -> tuple[RunConfig, TaskData, Tokenizer, MultiTaskModel]:
     """Config, data, tokenizer and model (final weights, eval mode) of a run directory."""
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
     data, tokenizer, model = build_run(cfg, resolve_tasks(cfg), run_dir, fresh_tokenizer=False)
     load_weights(run_dir / "model.safetensors", model)
     model.eval()
@@ -67,7 +58,7 @@ def generate_text(run_dir: Path, task: str, text: str, *, method: str = "greedy"
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(data.specs)}")
     spec = data.specs[task]
     raw = Example(task, source=format_source(text), target="", meta={"input": text})
-    src = torch.tensor([tokenizer.encode(apply_template(raw, spec).source)])
+    src = torch.tensor([tokenizer.encode_source(apply_template(raw, spec).source)])
     ids = generate(model.for_task(task), src, max_new_tokens=max_new_tokens, method=method,
                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     return tokenizer.decode(ids[0].tolist())

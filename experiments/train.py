@@ -60,6 +60,9 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
     model.train()
     stop = False
     with accelerated(model):
+        if t.max_steps == 0 and lead:   # the initial (e.g. pretrained) model, evaluated and saved
+            _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir, 0)
+            _save(run_dir, 0, model, parts, state)
         while state["step"] < t.max_steps and not stop:
             step = state["step"]
             t0 = time.perf_counter()

@@ -38,13 +38,19 @@ def _as_task(t: TaskSpec | dict[str, Any]) -> TaskSpec:
 
 
 def build_model(model_config: ModelConfig | Any, tasks: list[TaskSpec] | None = None,
-                sharing: SharingConfig | dict[str, Any] | None = None) -> MultiTaskModel:
+                sharing: SharingConfig | dict[str, Any] | None = None, *,
+                pretrained: EncoderDecoder | None = None) -> MultiTaskModel:
     """``build_model(model_config, tasks, sharing)`` or ``build_model(run_config)`` (any object
     with ``.model``, ``.tasks`` and ``.sharing``).
 
     Every task gets a freshly initialised backbone (so ``none`` gives independent single-task
     models); ``soft`` then copies task 0's state into every copy, so the coupled copies start
     equal (Duong et al. 2015). Shared slots keep the module of the group's first task.
+
+    ``pretrained``: every task's backbone starts as a copy of this model's weights (its
+    architecture must be ``model_config``'s), so shared, group, private and soft-coupled
+    copies all start from the pretrained layers; heads, discriminator and cross-stitch units
+    are new.
     """
     if tasks is None:
         run = model_config
@@ -59,7 +65,11 @@ def build_model(model_config: ModelConfig | Any, tasks: list[TaskSpec] | None = 
     specs = [_as_task(t) for t in tasks]
     plan = make_plan(sharing, model_config, specs)
     backbones = [EncoderDecoder(model_config) for _ in specs]
-    if plan.coupled:
+    if pretrained is not None:
+        state = pretrained.state_dict()
+        for bb in backbones:
+            bb.load_state_dict(state)
+    elif plan.coupled:
         state = backbones[0].state_dict()
         for bb in backbones[1:]:
             bb.load_state_dict(state)

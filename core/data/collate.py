@@ -24,7 +24,7 @@ import torch
 
 from polytask.core.data.batch import IGNORE_INDEX, Batch
 from polytask.core.data.task_data import Example
-from polytask.core.data.tokenizer import Tokenizer
+from polytask.core.data.tokenizer import TextTokenizer
 
 Truncation = Literal["truncate", "error", "drop"]
 
@@ -56,14 +56,15 @@ def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def collate(rows: Sequence[Example], tokenizer: Tokenizer, task_index: dict[str, int], *,
+def collate(rows: Sequence[Example], tokenizer: TextTokenizer, task_index: dict[str, int], *,
             max_source_len: int, max_target_len: int, truncation: Truncation = "truncate",
             report: CollateReport | None = None) -> Batch:
     """Tokenize and pad ``rows`` into a ``Batch`` (shapes in :class:`polytask.core.data.batch.Batch`).
 
     Args:
         rows: formatted examples, possibly of several tasks.
-        tokenizer: provides ids and ``pad_id`` / ``bos_id`` / ``eos_id``.
+        tokenizer: sources through ``encode_source_batch``, targets through
+            ``encode_batch``; ``pad_id`` / ``bos_id`` / ``eos_id``.
         task_index: task name -> ``Batch.task_ids`` value.
         max_source_len: most source tokens per row.
         max_target_len: most decoder positions per row (target tokens + 1).
@@ -82,7 +83,7 @@ def collate(rows: Sequence[Example], tokenizer: Tokenizer, task_index: dict[str,
         raise ValueError(f"task {missing[0]!r} is not in task_index ({', '.join(task_index)})")
     local = report if report is not None else CollateReport()
     before = local.total
-    sources, targets = tokenizer.encode_batch([r.source for r in rows]), tokenizer.encode_batch([r.target for r in rows])
+    sources, targets = tokenizer.encode_source_batch([r.source for r in rows]), tokenizer.encode_batch([r.target for r in rows])
     kept, src, dec_in, dec_out = [], [], [], []
     for row, s, y in zip(rows, sources, targets):
         long_src, long_tgt = len(s) > max_source_len, len(y) + 1 > max_target_len

@@ -13,18 +13,68 @@ Vocabulary size: ``vocab_size`` is a hard target by default, and a corpus too sm
 raises ``ValueError`` quoting sentencepiece's maximum. ``hard_vocab_limit=False`` lets
 sentencepiece build a smaller vocabulary instead; ``Tokenizer.vocab_size`` reports the size
 actually built, which is what ``ModelConfig.vocab_size`` must be at least.
+
+:class:`TextTokenizer` is the interface every tokenizer polytask trains or evaluates with
+follows: this module's :class:`Tokenizer`, and a pretrained checkpoint's own
+(:mod:`polytask.core.data.pretrained_tokenizers`).
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
 
 from polytask.core.data.task_data import SEP
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID = 0, 1, 2, 3, 4
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """Text <-> ids, as the collator, the decoders and evaluation use them.
+
+    The collator frames a row as ``src = encode_source(source)``,
+    ``tgt_in = [bos_id] + encode(target)`` and ``labels = encode(target) + [eos_id]``
+    (:mod:`polytask.core.data.collate`); generation starts from ``bos_id`` and stops at
+    ``eos_id``; ``decode`` turns generated ids back into text.
+
+    Attributes (read-only):
+        vocab_size: number of ids the tokenizer can produce (a model's vocabulary may be
+            larger, e.g. T5's 32128 rows for 32100 ids).
+        pad_id: padding id.
+        eos_id: end of sequence: closes every label row and stops generation.
+        bos_id: the *decoder start* id put before the target (polytask: 2; T5: the pad id 0;
+            BART: ``decoder_start_token_id``, 2 = eos) — not necessarily a "<s>" piece.
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Content ids of ``text``, no special tokens added (targets, label words)."""
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``."""
+    def encode_source(self, text: str) -> list[int]:
+        """A model input, framed as the model was trained to see it (T5 ends it with eos,
+        BART wraps it in ``<s> ... </s>``, polytask's own tokenizer adds nothing)."""
+    def encode_source_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode_source(t) for t in texts]``."""
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` up to the first eos, special ids skipped; accepts tensors."""
+    def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """``[decode(r) for r in rows]``; accepts a ``(b, t)`` tensor."""
+    def save(self, directory: str | Path) -> None:
+        """Write what loading needs again into ``directory`` (a pretrained tokenizer: files that
+        ``pretrained_tokenizers.load_tokenizer`` reads back; polytask's :class:`Tokenizer`
+        writes its one ``.model`` file at the path given)."""
 
 
 class Tokenizer:
@@ -102,6 +152,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), out_type=int)
+
+    # A source is encoded like any text: polytask's models were never taught a source eos, and
+    # adding one would change every trained run's inputs.
+    encode_source = encode
+    encode_source_batch = encode_batch
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` up to the first eos; pad and bos are skipped. Accepts tensors."""

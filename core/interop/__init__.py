@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from polytask.core.training.checkpoint import check_state
 from polytask.core.interop import bart, t5
+from polytask.core.model.config import ModelConfig
 from polytask.core.model.transformer import EncoderDecoder
 
 FAMILIES: dict[str, ModuleType] = {"t5": t5, "bart": bart}
@@ -48,6 +49,12 @@ def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             state.update(load_file(str(path / shard)))
         return state, config
+    if any((path / name).exists() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ValueError(
+            f"{path} holds only pytorch_model.bin, a pickle, which polytask never loads (it can "
+            "run code); convert it once where you trust the file: `from transformers import "
+            "AutoModelForSeq2SeqLM; AutoModelForSeq2SeqLM.from_pretrained(DIR)"
+            ".save_pretrained(DIR, safe_serialization=True)`")
     raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
@@ -154,4 +161,32 @@ def from_hf(source: Any, config: Any = None) -> EncoderDecoder:
     return model.eval()
 
 
-__all__ = ["from_hf", "read_source", "FAMILIES"]
+def hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face T5/BART directory, checked to be one."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not a JSON file ({err})") from None
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{file}: model_type {kind!r} is not supported; choose one of "
+                         f"{', '.join(FAMILIES)}")
+    return config
+
+
+def hf_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face directory, from its ``config.json`` alone
+    (``tie_word_embeddings`` says whether the head is tied; :func:`from_hf` checks it against
+    the tensors when it loads them)."""
+    hf = hf_config(path)
+    tied = bool(hf.get("tie_word_embeddings", True))
+    if hf["model_type"] == "t5":
+        return t5.model_config(hf, tied=tied)[0]
+    return bart.model_config(hf, tied=tied)
+
+
+__all__ = ["from_hf", "hf_config", "hf_model_config", "read_source", "FAMILIES"]
