@@ -156,3 +156,31 @@ def test_zero_steps_then_generate_equals_hugging_face(checkpoints, task_files, t
                 one[0], skip_special_tokens=True)
     finally:
         hf.to(torch.float32)
+
+
+@pytest.mark.slow
+def test_init_from_a_polytask_run(checkpoints, task_files, tmp_path):
+    """A run directory as ``init:``: its tokenizer and its (best) weights; the new run's tasks,
+    sharing and heads are its own."""
+    path, _, _ = checkpoints["t5"]
+    first = tmp_path / "first"
+    train_run(run_config(path, specs(task_files)[:1], train={
+        "max_steps": 2, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 1e-2,
+        "generation_max_tokens": 4}), first, progress=False)
+    cfg = run_config(first, specs(task_files), sharing={"strategy": "none"})
+    assert cfg.model == RunConfig.from_dict(
+        json.loads((first / "config.json").read_text()), resolve_init=False).model
+    with pytest.raises(ValueError, match="model.n_heads = 2 contradicts"):
+        run_config(first, specs(task_files), model={"n_heads": 2})
+    tasks = [TaskSpec.from_dict(t) for t in specs(task_files)]
+    _, tokenizer, model = build_run(cfg, tasks, tmp_path / "second", fresh_tokenizer=True)
+    _, _, _, source = load_run(first)
+    from polytask.core.training.checkpoint import load_weights
+    load_weights(first / "best.safetensors", source)
+    src = torch.tensor([tokenizer.encode_source(x) for x in INPUTS[:1]])
+    tgt = torch.tensor([[tokenizer.bos_id, 5, 6]])
+    with torch.no_grad():
+        want = source.for_task("echo")(src, tgt)
+        for name in ("echo", "rank"):
+            torch.testing.assert_close(model.eval().for_task(name)(src, tgt), want)
+    assert (tmp_path / "second" / "tokenizer").is_dir()
