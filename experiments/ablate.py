@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from polytask.core.training.checkpoint import latest_checkpoint
 from polytask.experiments import report
 from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
@@ -42,12 +44,29 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def _label(value: Any) -> str:
+    """A grid value as written in YAML's flow style: ``{method: lora, r: 4}``, ``[a, b]``."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return str(value)
+
+
+def _slug(value: Any) -> str:
+    """A grid value in a run directory's name: a mapping as ``lora-r4`` (a ``method`` key by
+    its value, other keys glued to theirs), an empty one as ``none``."""
+    if isinstance(value, dict):
+        return "-".join(str(v) if k == "method" else f"{k}{_slug(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return "-".join(_slug(v) for v in value) or "none"
+    return str(value)
+
+
 def combo_label(combo: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in combo.items()) or "base"
+    return ", ".join(f"{k}={_label(v)}" for k, v in combo.items()) or "base"
 
 
 def run_name(combo: dict[str, Any], seed: int) -> str:
-    parts = [f"{k.split('.')[-1]}-{v}" for k, v in combo.items()] + [f"seed-{seed}"]
+    parts = [f"{k.split('.')[-1]}-{_slug(v)}" for k, v in combo.items()] + [f"seed-{seed}"]
     return "_".join(str(p).replace("/", "-").replace(" ", "") for p in parts)
 
 

@@ -4,7 +4,8 @@
     polytask bench train [--size ...]    training step vs HF T5, nn.Transformer, x-transformers
     polytask bench decode                cached greedy decoding vs HF generate
     polytask bench triton                Triton flash attention on a GPU
-    polytask bench all                   attention, train and decode
+    polytask bench memory [--tasks ...]  peak memory of a training step under each task weighting
+    polytask bench all                   attention, train, decode and memory
 
 Timings are never asserted in tests; figures are recorded in docs/benchmarks.md.
 """
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "train": "polytask.experiments.bench.train",
     "decode": "polytask.experiments.bench.decode",
     "triton": "polytask.experiments.bench.triton_gpu",
+    "memory": "polytask.experiments.bench.memory",
 }
 
 
