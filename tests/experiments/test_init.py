@@ -30,7 +30,7 @@ INPUTS = ["the quick brown fox", "summarize: the cat sat", "reverse the digits 3
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {"t5": t5_dir(root), "bart": bart_dir(root)}
+    return {"t5": t5_dir(root), "t5-v1.1": t5_dir(root, tied=False), "bart": bart_dir(root)}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def _hf_logits(hf, tokenizer, texts, targets):
 
 
 @pytest.mark.parametrize("strategy", ["none", "hard", "soft", "hierarchical"])
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "t5-v1.1", "bart"])
 def test_every_strategy_starts_every_task_from_the_pretrained_weights(
         checkpoints, task_files, tmp_path, family, strategy):
     path, hf, tokenizer = checkpoints[family]
@@ -128,7 +128,7 @@ def test_every_strategy_starts_every_task_from_the_pretrained_weights(
     assert all(p.requires_grad for p in model.head("cls").parameters())   # new, to be trained
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", "t5-v1.1", "bart"])
 def test_zero_steps_then_generate_equals_hugging_face(checkpoints, task_files, tmp_path, family):
     """``train.max_steps: 0`` evaluates and saves the pretrained model; ``polytask generate``
     on that run gives Hugging Face's greedy tokens for the same input (fp64 on both sides, so
