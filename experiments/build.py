@@ -4,6 +4,7 @@ objective, task weighting, optimiser, schedule, sampler (:func:`build_parts`).""
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from polytask.core.data.pretrained_tokenizers import load_tokenizer
 from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
 from polytask.core.interop import from_hf
 from polytask.core.model.transformer import EncoderDecoder
+from polytask.core.peft import (PEFT_METHODS, apply_peft, describe_counts, parameter_counts,
+                                peft_options, unwrap_lora)
 from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.training import distributed
 from polytask.core.training.optim import freeze, lr_lambda, make_optimizer
@@ -72,9 +75,16 @@ def init_backbone(init: str) -> EncoderDecoder:
     if init_kind(path) == "hf":
         return from_hf(path)
     cfg = RunConfig.from_dict(read_json(path / "config.json"), resolve_init=False)
+    method = cfg.train.peft.get("method")
+    if method not in (None, "lora", "bitfit"):
+        raise ValueError(f"init: {path} was trained with train.peft method {method!r}, whose "
+                         "weights are not a plain backbone; start from its base checkpoint "
+                         "(its own init) instead, or from a LoRA, BitFit or full run")
     _, _, model = build_run(cfg, resolve_tasks(cfg), path, fresh_tokenizer=False)
+    adapt(model, cfg)                       # the run's modules, so its tensors load
     best = path / "best.safetensors"
     load_weights(best if best.is_file() else path / "model.safetensors", model)
+    unwrap_lora(model)                      # LoRA folded into the base weights
     return model.for_column(model.tasks[0].name)
 
 
@@ -147,21 +157,90 @@ class Parts:
     report: CollateReport
 
 
-def build_parts(cfg: RunConfig, specs: list[TaskSpec], data: TaskData, model: MultiTaskModel,
-                *, rank: int = 0, world: int = 1) -> Parts:
-    """PEFT and freezing applied to ``model`` (``train.peft``, ``train.train_only``,
-    ``train.train_top_layers``), then the objective, the weighting (its per-task gradients
-    averaged across ranks under data parallelism), AdamW and its schedule, and the task
-    sampler of this rank."""
+def adapt(model: MultiTaskModel, cfg: RunConfig) -> list[str]:
+    """Apply ``train.peft``, then ``train.train_only`` / ``train.train_top_layers``, to a freshly
+    built ``model`` in place; returns the names of the trainable parameters. Training calls it
+    (:func:`build_parts`), and so does loading a run (:func:`polytask.experiments.runs.load_run`),
+    before the weights load, so that the modules match the saved tensors.
+
+    One order, two questions:
+
+    1. *What* trains in the backbone: ``train.peft`` (:mod:`polytask.core.peft`). LoRA and
+       adapters wrap their layers, prompt tuning adds virtual tokens, BitFit picks the biases;
+       every other backbone weight is frozen. The modules outside the backbone — classifier
+       and rank heads, the adversarial discriminator, cross-stitch units — are new and
+       randomly initialised, and stay trainable.
+    2. *Where* training happens: ``train.train_only`` (parameters whose name contains one of the
+       given parts) and ``train.train_top_layers`` (the top N layers of each stack, the heads,
+       final norms and LM head; not the embeddings). They only ever *freeze* what lies
+       elsewhere and never unfreeze what PEFT froze: ``peft: {method: lora}`` with
+       ``train_top_layers: 1`` trains LoRA in the top layer of each stack, and the heads.
+       (Reading it as "LoRA, and the top layers fully" would quietly turn a LoRA run into
+       partial full fine-tuning.) ``train_only`` also freezes heads it does not name.
+
+    Refused, with the reason: freezing options that freeze every parameter the PEFT method
+    trains (the method would train nothing: prompt tuning with ``train_top_layers``, whose
+    frozen embedding holds the prompt; LoRA with ``train_only: [heads]``); a ``train.peft``
+    without ``method``; prompt tuning whose virtual tokens and ``data.max_source_len`` overflow
+    learned or sinusoidal positions (``model.max_length``); prompt tuning with
+    ``sharing.cross_stitch``.
+    """
     t = cfg.train
-    if t.peft:
-        from polytask.core.peft import apply_peft
-        options = dict(t.peft)
-        apply_peft(model, options.pop("method", "lora"), **options)
+    peft = _apply_peft(model, cfg) if t.peft else None
     if t.train_top_layers is not None or t.train_only:
+        before = {n: p.requires_grad for n, p in model.named_parameters()}
         n_layers = {"encoder": cfg.model.n_encoder_layers, "decoder": cfg.model.n_decoder_layers}
-        freeze(model, train_top_layers=t.train_top_layers, train_only=t.train_only,
-               n_layers=n_layers)
+        where = set(freeze(model, train_top_layers=t.train_top_layers, train_only=t.train_only,
+                           n_layers=n_layers))
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name] and name in where)
+        if peft is not None and not where & set(peft):
+            option = (f"train.train_top_layers = {t.train_top_layers}"
+                      if t.train_top_layers is not None else f"train.train_only = {t.train_only}")
+            raise ValueError(
+                f"train.peft (method {t.peft['method']!r}) and {option} contradict: the freezing "
+                f"option freezes every parameter {t.peft['method']} trains (e.g. {peft[0]}), so "
+                f"the method would train nothing; freezing options only ever narrow what PEFT "
+                f"trains, never unfreeze base weights. Drop one of them")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"train.peft = {t.peft} with the freezing options leaves nothing to train")
+    return trainable
+
+
+ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
+
+
+def _apply_peft(model: MultiTaskModel, cfg: RunConfig) -> list[str]:
+    """``train.peft`` validated (its method and options) and applied; returns what it trains."""
+    options = dict(cfg.train.peft)
+    method = options.pop("method", None)
+    if method is None:
+        raise ValueError(f"train.peft = {cfg.train.peft} needs a method: one of "
+                         f"{', '.join(PEFT_METHODS)}")
+    parsed = peft_options(method, options, "train.peft")
+    if method == "prompt" and cfg.model.positions in ABSOLUTE_POSITIONS:
+        longest = parsed.n_tokens + cfg.data.max_source_len
+        if longest > cfg.model.max_length:
+            raise ValueError(
+                f"train.peft.n_tokens = {parsed.n_tokens} virtual tokens before sources of up to "
+                f"data.max_source_len = {cfg.data.max_source_len} tokens make {longest} "
+                f"positions, more than model.max_length = {cfg.model.max_length} of the "
+                f"{cfg.model.positions} positions; lower one or raise model.max_length")
+    return apply_peft(model, method, **options)
+
+
+def build_parts(cfg: RunConfig, specs: list[TaskSpec], data: TaskData, model: MultiTaskModel,
+                *, rank: int = 0, world: int = 1, announce: bool = False) -> Parts:
+    """PEFT and freezing applied to ``model`` (:func:`adapt`), then the objective, the weighting
+    (its per-task gradients averaged across ranks under data parallelism), AdamW and its
+    schedule, and the task sampler of this rank. With ``announce`` rank 0 prints the
+    parameter counts, ``trainable 2,658 of 55,778 parameters (4.8%)``, on stderr (where the
+    progress bar goes; stdout keeps the CLI's JSON)."""
+    t = cfg.train
+    adapt(model, cfg)
+    if announce and rank == 0:
+        print(describe_counts(parameter_counts(model)), file=sys.stderr, flush=True)
     names = data.train_tasks
     loss_options = {s.name: cfg.losses.get(s.name, cfg.losses.get(s.loss_name, {})) for s in specs}
     objective = MultiTaskObjective(specs, cfg.sharing, loss_options)

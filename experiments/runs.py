@@ -16,9 +16,10 @@ from polytask.core.data.task_data import Example, apply_template, format_source
 from polytask.core.data.tokenizer import Tokenizer
 from polytask.core.decoding.generation import generate
 from polytask.core.export import export_model
+from polytask.core.peft import unwrap_lora
 from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.data.task_data import TaskData
-from polytask.experiments.build import build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
+from polytask.experiments.build import adapt, build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
 from polytask.experiments.train import train
@@ -34,11 +35,23 @@ def metric_names(summary: dict[str, Any]) -> dict[str, str]:
     return dict(summary.get("metrics", {}))
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, TaskData, Tokenizer, MultiTaskModel]:
-    """Config, data, tokenizer and model (final weights, eval mode) of a run directory."""
+def load_run(run_dir: Path, *, merge: bool = True
+             ) -> tuple[RunConfig, TaskData, Tokenizer, MultiTaskModel]:
+    """Config, data, tokenizer and model (final weights, eval mode) of a run directory.
+
+    The run's PEFT and freezing (``train.peft``, :func:`polytask.experiments.build.adapt`) are
+    re-applied before the weights load, so the modules match the saved tensors. With ``merge``
+    (the default) LoRA updates are then folded into their base weights and the wrappers
+    removed (:func:`polytask.core.peft.unwrap_lora`): the plain module tree that inference,
+    the fused decoding step and ONNX export want. Adapters and prompts have nothing to fold and
+    stay; ``merge=False`` keeps LoRA separate too (to inspect or continue training it).
+    """
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
     data, tokenizer, model = build_run(cfg, resolve_tasks(cfg), run_dir, fresh_tokenizer=False)
+    adapt(model, cfg)
     load_weights(run_dir / "model.safetensors", model)
+    if merge:
+        unwrap_lora(model)
     model.eval()
     return cfg, data, tokenizer, model
 

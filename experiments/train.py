@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from polytask.core.accelerate import accelerated
 from polytask.core.data.collate import CollateReport, collate
+from polytask.core.peft import parameter_counts
 from polytask.core.training import distributed
 from polytask.core.training.checkpoint import (latest_checkpoint, load_checkpoint, load_weights,
                                                save_checkpoint, save_weights, write_json)
@@ -53,7 +54,7 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
     data, tokenizer, model = build_run(cfg, specs, run_dir, fresh_tokenizer=not resume, rank=rank)
     if lead:
         write_json(run_dir / "config.json", cfg.to_dict())
-    parts = build_parts(cfg, specs, data, model, rank=rank, world=world)
+    parts = build_parts(cfg, specs, data, model, rank=rank, world=world, announce=progress)
     state = _start_state(parts, model, ckpt, run_dir, lead, t.seed)
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (progress and lead),
                dynamic_ncols=True)
@@ -273,6 +274,8 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, report: Coll
         "tokens_per_s": float(np.median(speeds)) if speeds else None,
         "truncation": {"truncated_source": report.truncated_source,
                        "truncated_target": report.truncated_target, "dropped": report.dropped},
+        # the model's parameters as trained (PEFT and freezing applied); each shared tensor once
+        "parameters": parameter_counts(model),
     }
     write_json(run_dir / "summary.json", summary)
     return summary

@@ -3,7 +3,7 @@
 
 The model is duck-typed (:mod:`polytask.core.decoding.state`): an
 :class:`polytask.core.model.transformer.EncoderDecoder`, a multi-task model's
-``for_task(name)`` view, or :class:`polytask.core.peft.PromptTuning`.
+``for_task(name)`` view (with any PEFT applied, :mod:`polytask.core.peft`).
 
 ``accelerate=True`` (the default) runs the call inside
 :func:`polytask.core.accelerate.accelerated` with ``inference=True`` and takes the cached steps

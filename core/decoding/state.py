@@ -7,7 +7,7 @@ The model is duck-typed: anything with ``encode(src_ids, src_mask) -> memory (b,
 ``decode(tgt_ids, memory, src_mask=None, tgt_mask=None, cache=None) -> hidden (b, t, d)``,
 ``logits(hidden) -> (b, t, V)`` and ``new_cache()`` (an object with ``.length`` and
 ``.reorder(index)``) works: :class:`polytask.core.model.transformer.EncoderDecoder`, a
-multi-task model's ``for_task(name)`` view, or :class:`polytask.core.peft.PromptTuning`.
+multi-task model's ``for_task(name)`` view (with any PEFT applied, :mod:`polytask.core.peft`).
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ A frozen ``W x + b`` becomes ``W x + b + (alpha / r) * B A dropout(x)`` with ``A
 Kaiming-uniform and ``B`` ``(out, r)`` zero, so the adapted layer equals the base layer until
 ``B`` is trained. ``merge()`` folds ``(alpha / r) B A`` into ``W`` for inference with no extra
 cost; ``unmerge()`` takes it out again (both up to floating-point rounding).
+:func:`merge_lora` merges every LoRA layer of a model; :func:`unwrap_lora` merges them and puts
+the plain ``nn.Linear`` layers back (what ``polytask.experiments.runs.load_run`` does before
+evaluation, generation and ONNX export: the exported graphs hold ``W + (alpha / r) B A``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from polytask.core.peft.frozen import FrozenLinear
+from polytask.core.peft.modules import replace_module
 
 
 class LoRALinear(FrozenLinear):
@@ -91,14 +95,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def unwrap_lora(model: nn.Module) -> list[str]:
-    """Merge every :class:`LoRALinear` and put its (now updated) ``base`` linear back in its
-    place, so the model has its original module tree and ``state_dict`` keys again (to save a
-    plain checkpoint). Returns the names of the unwrapped modules."""
-    names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lora = getattr(parent, child)
+    """Merge every :class:`LoRALinear` and put its (now updated) ``base`` linear back wherever
+    the wrapper is held (a multi-task model's task views too), so the model has its original
+    module tree and ``state_dict`` keys again: a plain checkpoint, the fused decoding step and
+    ONNX export see ordinary ``nn.Linear`` layers. Returns the names of the unwrapped modules."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for _, lora in wrapped:
         lora.merge()
-        setattr(parent, child, lora.base)
-    return names
+        replace_module(model, lora, lora.base)
+    return [name for name, _ in wrapped]

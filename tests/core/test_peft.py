@@ -1,15 +1,23 @@
-"""PEFT: identity at init, frozen weights untouched by AdamW with weight decay, LoRA merge,
-BitFit's bias-only training, prompt tuning with generation, and the errors."""
+"""PEFT on one EncoderDecoder: identity at init, frozen weights untouched by AdamW with weight
+decay, LoRA merge, BitFit's bias-only training, prompt tuning (against the paper's definition,
+and with generation), option validation, parameter counts. Multi-task models and runs:
+tests/experiments/test_peft_runs.py."""
+import math
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from polytask.core.model.config import ModelConfig
 from polytask.core.decoding.generation import generate
-from polytask.core.peft import (AdaptedLinear, LoRALinear, PromptTuning, apply_peft, merge_lora,
-                       trainable_parameter_names, unmerge_lora, unwrap_lora)
-from polytask.core.model.transformer import EncoderDecoder
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.transformer import EncoderDecoder, count_parameters
+from polytask.core.peft import (PEFT_METHODS, AdaptedLinear, LoRALinear, PromptEmbedding,
+                                apply_peft, describe_counts, merge_lora, parameter_counts,
+                                trainable_parameter_names, unmerge_lora, unwrap_lora)
+from polytask.core.peft.adapters import ACTIVATIONS
+from polytask.core.peft.options import OPTIONS, AdapterOptions
+from polytask.core.peft.prompt import extend_mask
 
 CONFIG = ModelConfig(vocab_size=20, d_model=16, n_heads=2, n_encoder_layers=2,
                      n_decoder_layers=2, d_ff=32, dropout=0.0, max_length=32)
@@ -35,7 +43,7 @@ def batch():
 def adapted(method: str, **options):
     model = tiny_model()
     if method == "prompt":
-        model = PromptTuning(model, n_tokens=3)
+        options = {"n_tokens": 3, **options}
     return model, apply_peft(model, method, **options)
 
 
@@ -133,6 +141,20 @@ def test_merge_equals_the_closed_form():
     torch.testing.assert_close(layer.base.weight, w + 3.0 * layer.lora_B @ layer.lora_A)
 
 
+def test_a_module_held_in_two_places_is_wrapped_in_both():
+    """LoRA installs its wrapper wherever the target is held (as a multi-task model's task
+    views hold its slot modules)."""
+    model = tiny_model()
+    shared = model.decoder.layers[0].self_attn.q_proj
+    model.decoder.layers[1].self_attn.q_proj = shared
+    apply_peft(model, "lora", targets=["decoder.layers.0.self_attn.q_proj"], r=2)
+    first, second = (model.decoder.layers[i].self_attn.q_proj for i in (0, 1))
+    assert isinstance(first, LoRALinear) and second is first
+    unwrap_lora(model)
+    assert model.decoder.layers[1].self_attn.q_proj is shared
+    assert model.decoder.layers[0].self_attn.q_proj is shared
+
+
 def test_adapters_follow_every_attention_output_and_feedforward_output():
     model, trainable = adapted("adapter", bottleneck=4)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
@@ -149,24 +171,65 @@ def test_bitfit_trains_exactly_the_biases():
     assert any("q_proj" in n for n in trainable) and any("norm" in n for n in trainable)
 
 
-def test_prompt_tuning_prepends_and_composes_with_generation():
+def test_prompt_embedding_looks_up_virtual_ids_in_the_prompt_rows():
+    base = torch.nn.Embedding(10, 4)
+    emb = PromptEmbedding(base, 3, init_from_vocab=False)
+    ids = torch.tensor([[0, 9, 10, 12], [11, 3, 10, 1]])
+    out = emb(ids)
+    real = ids < 10
+    assert torch.equal(out[real], base(ids[real]))
+    assert torch.equal(out[~real], emb.prompt[ids[~real] - 10])
+    out.sum().backward()
+    assert base.weight.grad is None and not base.weight.requires_grad
+    assert torch.equal(emb.prompt.grad, torch.tensor([2.0, 1.0, 1.0])[:, None].expand(3, 4))
+    assert emb.weight is base.weight and emb.num_embeddings == 10
+
+
+def test_prompt_initialised_from_the_vocabulary_skips_special_tokens():
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(6, 4)
+    emb = PromptEmbedding(base, 50, init_from_vocab=True, special_ids=(0, 1, 2))
+    vocab = [tuple(row) for row in base.weight.tolist()]
+    picked = {vocab.index(tuple(row)) for row in emb.prompt.tolist()}  # raises if not a row
+    assert picked == {3, 4, 5}  # every token but pad, bos and eos, nothing else
+
+
+def test_prompt_tuning_is_the_encoder_run_on_prompt_then_source():
+    """Lester et al. section 2: the encoder runs on ``[P; embed(x)]`` and the decoder attends
+    to all of it. The oracle runs the untouched base model's stacks on that concatenation."""
+    base = tiny_model().eval()
+    model, _ = adapted("prompt")
+    model.eval()
+    scale = math.sqrt(CONFIG.d_model) if CONFIG.scale_embeddings else 1.0  # as every token
+    prompt = model.embed_tokens.prompt.detach() * scale  # (3, d)
+    src, tgt, _ = batch()
+    mask = src != CONFIG.pad_id
+    with torch.no_grad():
+        x = torch.cat([prompt.expand(3, -1, -1), base.embed(src)], dim=1)
+        memory = base.encoder(x, extend_mask(mask, 3))
+        expected = base.logits(base.decode(tgt, memory, extend_mask(mask, 3)))
+        torch.testing.assert_close(model(src, tgt), expected, atol=1e-6, rtol=1e-6)
+        assert memory.shape == model.encode(src).shape == (3, 3 + src.shape[1], CONFIG.d_model)
+
+
+def test_prompt_tuning_composes_with_generation():
     model, trainable = adapted("prompt")
-    assert trainable == ["prompt"]
+    assert trainable == ["embed_tokens.prompt"]
     src, tgt, _ = batch()
     model.eval()
     memory = model.encode(src)
-    assert memory.shape == (3, 3 + src.shape[1], CONFIG.d_model)
-    # The original (b, s) mask works for decode, and a padded source row stays padded.
+    # The source's own (b, s) mask works for decode, and a padded source row stays padded.
     src_mask = src != CONFIG.pad_id
     with torch.no_grad():
         full = model.logits(model.decode(tgt, memory, src_mask))
         torch.testing.assert_close(full, model(src, tgt))
     fast = generate(model, src, max_new_tokens=6)
-    slow = generate(model, src, max_new_tokens=6, use_cache=False)
-    assert torch.equal(fast, slow)
+    slow = generate(model, src, max_new_tokens=6, use_cache=False, accelerate=False)
+    beam = generate(model, src, max_new_tokens=6, method="beam", num_beams=1)
+    assert torch.equal(fast, slow) and torch.equal(fast, beam)
     # The prompt is live: changing it changes the output.
     with torch.no_grad():
-        model.prompt.add_(torch.randn_like(model.prompt))  # (a constant would be normed away)
+        model.embed_tokens.prompt.add_(torch.randn_like(model.embed_tokens.prompt))
         assert not torch.allclose(model(src, tgt), full)
 
 
@@ -176,16 +239,35 @@ def test_full_fine_tuning_trains_everything():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda m: apply_peft(m, "ia3"), "ia3.*lora, adapter, prompt, bitfit, full"),
-    (lambda m: apply_peft(m, "lora", rank=4), "rank.*targets, r, alpha, dropout"),
+    (lambda m: apply_peft(m, "ia3"), "'ia3'.*choices: lora, adapter, prompt, bitfit, full"),
+    (lambda m: apply_peft(m, "lora", rank=4), "peft.rank.*options: targets, r, alpha, dropout"),
+    (lambda m: apply_peft(m, "prompt", n_token=4),
+     "n_token.*options: n_tokens, init_from_vocab, per_task"),
+    (lambda m: apply_peft(m, "bitfit", r=4), "peft.r for PEFT method 'bitfit'; options: none"),
     (lambda m: apply_peft(m, "lora", targets=["qkv"]), "qkv.*q_proj"),
-    (lambda m: apply_peft(m, "lora", r=0), "r \\(0\\)"),
-    (lambda m: apply_peft(m, "prompt"), "PromptTuning"),
-    (lambda m: apply_peft(m, "adapter", activation="tanh"), "tanh.*relu, gelu"),
+    (lambda m: apply_peft(m, "lora", targets=[]), "peft.targets = \\[\\] is invalid"),
+    (lambda m: apply_peft(m, "lora", r=0), "peft.r = 0 is invalid"),
+    (lambda m: apply_peft(m, "lora", r="8"), "peft.r = '8' is invalid: expected int"),
+    (lambda m: apply_peft(m, "lora", dropout=1.0), "peft.dropout = 1.0 is invalid"),
+    (lambda m: apply_peft(m, "prompt", n_tokens=0), "peft.n_tokens = 0 is invalid"),
+    (lambda m: apply_peft(m, "prompt", per_task="yes"), "peft.per_task = 'yes' is invalid"),
+    (lambda m: apply_peft(m, "adapter", activation="tanh"), "'tanh' is invalid.*'relu', 'gelu'"),
 ])
 def test_bad_methods_and_options_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_model())
+
+
+def test_every_method_has_its_options_and_the_activations_agree():
+    assert PEFT_METHODS.keys() == OPTIONS.keys()
+    activation = get_type_hints(AdapterOptions)["activation"]
+    assert set(get_args(activation)) == set(ACTIVATIONS)
+
+
+def test_prompt_tuning_twice_raises():
+    model, _ = adapted("prompt")
+    with pytest.raises(ValueError, match="prompt-tuned already"):
+        apply_peft(model, "prompt")
 
 
 def test_bitfit_without_biases_raises():
@@ -194,3 +276,16 @@ def test_bitfit_without_biases_raises():
                                        norm="rmsnorm"))
     with pytest.raises(ValueError, match="no bias"):
         apply_peft(model, "bitfit")
+
+
+def test_parameter_counts_equal_the_closed_forms():
+    model = tiny_model()
+    assert parameter_counts(model) == {"trainable": count_parameters(CONFIG),
+                                       "total": count_parameters(CONFIG)}
+    apply_peft(model, "lora", r=4)
+    lora = 2 * N_ATTENTION * 4 * (16 + 16)
+    assert parameter_counts(model) == {"trainable": lora, "total": count_parameters(CONFIG) + lora}
+    assert describe_counts({"trainable": 12345, "total": 1234567}) == \
+        "trainable 12,345 of 1,234,567 parameters (1.0%)"
+    assert describe_counts({"trainable": 3, "total": 100000}) == \
+        "trainable 3 of 100,000 parameters (0.003%)"
