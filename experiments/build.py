@@ -1,8 +1,14 @@
 """A run's parts, built from its config: data, tokenizer and model (:func:`build_run`, shared
 by training, evaluation, generation and export), and what the training loop adds to them —
-objective, task weighting, optimiser, schedule, sampler (:func:`build_parts`)."""
+objective, task weighting, optimiser, schedule, sampler (:func:`build_parts`).
+
+A run with ``train.save_base: false`` keeps only what it trained (:func:`trained_names`) in its
+weight files and names its base in ``base.json`` (:func:`record_base`, with the SHA-256 of the
+base's weights); :func:`build_run` rebuilds that base for a saved run after checking the
+digests (:func:`verified_base`), so the caller loads the partial weights onto it."""
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass, replace
@@ -20,9 +26,12 @@ from polytask.core.data.pretrained_tokenizers import load_tokenizer
 from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
 from polytask.core.interop import from_hf
 from polytask.core.model.transformer import EncoderDecoder
-from polytask.core.peft import (PEFT_METHODS, apply_peft, describe_counts, parameter_counts,
-                                peft_options, unwrap_lora)
-from polytask.core.training.checkpoint import load_weights, read_json
+from polytask.core.peft import (PEFT_METHODS, PromptEmbedding, apply_peft, describe_counts,
+                                parameter_counts, peft_options, unwrap_lora)
+from polytask.core.peft.frozen import FrozenLinear
+from polytask.core.peft.modules import backbone
+from polytask.core.training.checkpoint import (load_weights, model_state, read_json, sha256,
+                                               write_json)
 from polytask.core.training import distributed
 from polytask.core.training.optim import freeze, lr_lambda, make_optimizer
 from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind
@@ -82,10 +91,91 @@ def init_backbone(init: str) -> EncoderDecoder:
                          "(its own init) instead, or from a LoRA, BitFit or full run")
     _, _, model = build_run(cfg, resolve_tasks(cfg), path, fresh_tokenizer=False)
     adapt(model, cfg)                       # the run's modules, so its tensors load
-    best = path / "best.safetensors"
-    load_weights(best if best.is_file() else path / "model.safetensors", model)
+    [weights] = base_weight_files(path)
+    load_weights(weights, model, weight_names(cfg, model))
     unwrap_lora(model)                      # LoRA folded into the base weights
     return model.for_column(model.tasks[0].name)
+
+
+BASE_MANIFEST = "base.json"
+
+
+def base_weight_files(init: str | Path) -> list[Path]:
+    """The file(s) an ``init:`` checkpoint's weights come from: a Hugging Face directory's
+    ``model.safetensors``, else every shard its ``model.safetensors.index.json`` names (what
+    :func:`polytask.core.interop.from_hf` reads); a run's ``best.safetensors`` when it kept
+    one, else its ``model.safetensors`` (what :func:`init_backbone` loads)."""
+    path = Path(init)
+    if init_kind(path) == "run":
+        best = path / "best.safetensors"
+        return [best if best.is_file() else path / "model.safetensors"]
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file() and not single.is_file():
+        shards = json.loads(index.read_text())["weight_map"].values()
+        return [path / name for name in sorted(set(shards))]
+    return [single]
+
+
+def _digests(init: str | Path) -> dict[str, str]:
+    """File name -> SHA-256 of the ``init:`` checkpoint's weights (``"no such file"``)."""
+    return {f.name: sha256(f) if f.is_file() else "no such file" for f in base_weight_files(init)}
+
+
+def record_base(init: str, run_dir: Path) -> None:
+    """Write ``run_dir/base.json``: the ``init:`` checkpoint as given and as an absolute path,
+    its kind (``hf`` or ``run``) and the SHA-256 of each of its weights files."""
+    write_json(run_dir / BASE_MANIFEST, {"init": init, "path": str(Path(init).resolve()),
+                                         "kind": init_kind(init), "sha256": _digests(init)})
+
+
+def verified_base(run_dir: Path) -> str:
+    """The ``init:`` checkpoint that a ``train.save_base: false`` run's weight files build on
+    (its path as given, else its absolute path), after checking that its weights files have
+    the SHA-256 digests recorded in ``base.json``: the partial weights fit that base alone.
+    A missing or changed base raises, naming the file and both digests."""
+    manifest = read_json(run_dir / BASE_MANIFEST)
+    advice = (f"{run_dir} holds only its trained tensors (train.save_base = false), which fit "
+              f"that base alone: put the original base checkpoint back at {manifest['path']}, "
+              "or retrain the run")
+    where = next((p for p in (manifest["init"], manifest["path"]) if Path(p).is_dir()), None)
+    if where is None:
+        files = ", ".join(f"{name} with SHA-256 {d}" for name, d in manifest["sha256"].items())
+        raise ValueError(f"{manifest['path']}: the base checkpoint of {run_dir} is missing "
+                         f"(expected {files}); {advice}")
+    found = _digests(where)
+    for name in sorted(set(manifest["sha256"]) | set(found)):
+        want, got = manifest["sha256"].get(name, "no such file"), found.get(name, "no such file")
+        if want != got:
+            raise ValueError(f"{Path(where) / name}: the base checkpoint changed since {run_dir} "
+                             f"was trained: expected SHA-256 {want} (its {BASE_MANIFEST}), found "
+                             f"{got}; {advice}")
+    return where
+
+
+#: PEFT modules that wrap a frozen ``base`` module; what they add besides it is theirs
+PEFT_WRAPPERS = (FrozenLinear, PromptEmbedding)
+
+
+def trained_names(model: MultiTaskModel) -> list[str]:
+    """The tensors (names of :func:`polytask.core.training.checkpoint.model_state`) that a
+    ``train.save_base: false`` run saves, after :func:`adapt`: every trainable parameter; all
+    of every module outside the backbone (heads, discriminator, cross-stitch units: new, so
+    not in the base, whether they train or not); and the buffers of PEFT's modules (LoRA,
+    adapters, prompts) outside their frozen ``base``. The rest — the frozen backbone — is
+    what the ``init:`` checkpoint gives back."""
+    tensors = model.state_dict(keep_vars=True)
+    inside = {id(t) for root in backbone(model) for t in (*root.parameters(), *root.buffers())}
+    added = {id(b) for m in model.modules() if isinstance(m, PEFT_WRAPPERS)
+             for name, b in m.named_buffers() if not name.startswith("base.")}
+    keep = {name for name, t in tensors.items()
+            if t.requires_grad or id(t) not in inside or id(t) in added}
+    return [name for name in model_state(model) if name in keep]
+
+
+def weight_names(cfg: RunConfig, model: MultiTaskModel) -> list[str] | None:
+    """What the run's weight files hold: ``None`` (the whole model) or, with
+    ``train.save_base: false``, :func:`trained_names`."""
+    return None if cfg.train.save_base else trained_names(model)
 
 
 def _check_init(cfg: RunConfig, backbone: EncoderDecoder, tokenizer: TextTokenizer) -> None:
@@ -109,9 +199,15 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
     """Data, tokenizer and model for a run directory. ``fresh_tokenizer``: a new run — its
     tokenizer is trained on the run's training texts (or, with ``init:``, copied from the
     checkpoint) and saved in ``run_dir`` (under data parallelism by rank 0; the others load
-    it), and with ``init:`` the model starts from the checkpoint's weights; otherwise both come
-    from ``run_dir`` later (the caller loads the weights). The initialisation of everything not
-    loaded depends on ``train.seed`` only."""
+    it), and with ``init:`` the model starts from the checkpoint's weights (with
+    ``train.save_base: false`` rank 0 records them in ``base.json``); otherwise both come
+    from ``run_dir`` later (the caller loads the weights) — except a ``train.save_base: false``
+    run's base, rebuilt here from its verified ``init:`` checkpoint (:func:`verified_base`).
+    The initialisation of everything not loaded depends on ``train.seed`` only."""
+    if not cfg.train.save_base and cfg.init is None:
+        raise ValueError("train.save_base = false saves only the trained tensors and rebuilds "
+                         "the rest from the init: checkpoint, but this run has no init: "
+                         "(nothing to rebuild its base from); set init: or train.save_base = true")
     data = TaskData.load(specs)
     if fresh_tokenizer and rank == 0:
         if cfg.init is None:
@@ -119,6 +215,8 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
                                         model_type=cfg.data.tokenizer)
             tokenizer.save(run_dir / "tokenizer.model")
         else:
+            if not cfg.train.save_base:
+                record_base(cfg.init, run_dir)
             tokenizer = init_tokenizer(cfg.init)
             tokenizer.save(run_dir / "tokenizer")
     distributed.barrier()
@@ -130,8 +228,8 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
     else:
         model_cfg = cfg.model       # the checkpoint's (experiments.config.init_model_config)
     pretrained = None
-    if cfg.init is not None and fresh_tokenizer:
-        pretrained = init_backbone(cfg.init)
+    if cfg.init is not None and (fresh_tokenizer or not cfg.train.save_base):
+        pretrained = init_backbone(cfg.init if fresh_tokenizer else verified_base(run_dir))
         _check_init(cfg, pretrained, tokenizer)
     seed_everything(cfg.train.seed)
     model = build_model(model_cfg, specs, cfg.sharing, pretrained=pretrained).to(
@@ -155,6 +253,7 @@ class Parts:
     shared: list[torch.nn.Parameter]       # what gradient surgery acts on
     last_shared: list[torch.nn.Parameter] | None   # GradNorm's W
     report: CollateReport
+    saved: list[str] | None                # what the weight files hold (None: every tensor)
 
 
 def adapt(model: MultiTaskModel, cfg: RunConfig) -> list[str]:
@@ -183,7 +282,8 @@ def adapt(model: MultiTaskModel, cfg: RunConfig) -> list[str]:
     frozen embedding holds the prompt; LoRA with ``train_only: [heads]``); a ``train.peft``
     without ``method``; prompt tuning whose virtual tokens and ``data.max_source_len`` overflow
     learned or sinusoidal positions (``model.max_length``); prompt tuning with
-    ``sharing.cross_stitch``.
+    ``sharing.cross_stitch``; ``train.save_base: false`` with nothing of the backbone frozen
+    (its weight files would hold every tensor anyway).
     """
     t = cfg.train
     peft = _apply_peft(model, cfg) if t.peft else None
@@ -205,6 +305,13 @@ def adapt(model: MultiTaskModel, cfg: RunConfig) -> list[str]:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"train.peft = {t.peft} with the freezing options leaves nothing to train")
+    if not t.save_base and len(trained_names(model)) == len(model_state(model)):
+        raise ValueError(
+            f"train.save_base = false saves only what is not rebuilt from the init: checkpoint, "
+            f"but nothing of the backbone is frozen (train.peft = {t.peft or {}}, "
+            f"train.train_only = {t.train_only}, train.train_top_layers = "
+            f"{t.train_top_layers}), so it would save every tensor anyway; choose a PEFT method "
+            f"or a freezing option, or train.save_base = true")
     return trainable
 
 
@@ -263,4 +370,4 @@ def build_parts(cfg: RunConfig, specs: list[TaskSpec], data: TaskData, model: Mu
         trainable=[p for _, p in params if p.requires_grad],
         shared=[p for p in model.shared_parameters() if p.requires_grad],
         last_shared=[p for p in model.last_shared_parameters() if p.requires_grad] or None,
-        report=CollateReport())
+        report=CollateReport(), saved=weight_names(cfg, model))

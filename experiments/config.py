@@ -100,6 +100,9 @@ class TrainConfig:
     train_top_layers: int | None = None  # layerwise freezing: train only the top N layers per stack
     train_only: list[str] = field(default_factory=list)  # discriminative tuning, e.g. [decoder]
     peft: dict[str, Any] = field(default_factory=dict)   # {method: lora, r: 8, ...}
+    # False (with init:): weight files hold only what is not in the base checkpoint (PEFT
+    # tensors, heads, ...); loading rebuilds the base from init:, checked against base.json
+    save_base: bool = True
     max_bad_steps: int = 5              # consecutive non-finite steps before the run stops
     generation_max_tokens: int = 48
     device: str = "cpu"

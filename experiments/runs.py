@@ -2,7 +2,8 @@
 a finished one to evaluate, generate from or export it.
 
 A run directory holds ``config.json``, ``tokenizer.model``, ``metrics.jsonl``,
-``model.safetensors``, ``best.safetensors``, ``summary.json`` and ``checkpoints/``.
+``model.safetensors``, ``best.safetensors``, ``summary.json`` and ``checkpoints/`` (and, with
+``train.save_base: false``, ``base.json``: the ``init:`` checkpoint its weight files build on).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from polytask.core.export import export_model
 from polytask.core.peft import unwrap_lora
 from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.data.task_data import TaskData
-from polytask.experiments.build import adapt, build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
+from polytask.experiments.build import (adapt, build_run, resolve_tasks,  # noqa: F401 (resolve_tasks: public here too)
+                                        weight_names)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
 from polytask.experiments.train import train
@@ -45,11 +47,15 @@ def load_run(run_dir: Path, *, merge: bool = True
     removed (:func:`polytask.core.peft.unwrap_lora`): the plain module tree that inference,
     the fused decoding step and ONNX export want. Adapters and prompts have nothing to fold and
     stay; ``merge=False`` keeps LoRA separate too (to inspect or continue training it).
+
+    A ``train.save_base: false`` run's base comes from its ``init:`` checkpoint (SHA-256
+    checked against ``base.json`` by ``build_run``), and ``model.safetensors`` adds exactly
+    the trained tensors to it.
     """
     cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
     data, tokenizer, model = build_run(cfg, resolve_tasks(cfg), run_dir, fresh_tokenizer=False)
     adapt(model, cfg)
-    load_weights(run_dir / "model.safetensors", model)
+    load_weights(run_dir / "model.safetensors", model, weight_names(cfg, model))
     if merge:
         unwrap_lora(model)
     model.eval()

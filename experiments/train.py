@@ -11,6 +11,10 @@ Resuming (``resume=True``) restores model, optimiser, scheduler, weighting, samp
 template RNG and torch's RNG from the last checkpoint and truncates ``metrics.jsonl`` to what
 that checkpoint had written, so on CPU the resumed run ends bit-identical to an uninterrupted
 one.
+
+With ``train.save_base: false`` every weights file (the run's ``model.safetensors`` and
+``best.safetensors``, each checkpoint's) holds only the trained tensors (``Parts.saved``); the
+base they fit is rebuilt from ``init:`` by :func:`polytask.experiments.build.build_run`.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from polytask.core.accelerate import accelerated
-from polytask.core.data.collate import CollateReport, collate
+from polytask.core.data.collate import collate
 from polytask.core.peft import parameter_counts
 from polytask.core.training import distributed
 from polytask.core.training.checkpoint import (latest_checkpoint, load_checkpoint, load_weights,
@@ -75,12 +79,13 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
             for k, v in step_losses.items():
                 acc = state["epoch_losses"].setdefault(k, [0.0, 0])
                 acc[0], acc[1] = acc[0] + v, acc[1] + 1
-            speed = n_tokens * world / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            speed = n_tokens * world / seconds
             loss, lr = sum(step_losses.values()), parts.scheduler.get_last_lr()[0]
             if lead:
                 _log(run_dir / "metrics.jsonl", {
                     "event": "train", "step": step, "loss": loss, "finite": finite, "lr": lr,
-                    "tokens_per_s": speed, "max_rss_mb": _max_rss_mb(),
+                    "step_s": seconds, "tokens_per_s": speed, "max_rss_mb": _max_rss_mb(),
                     **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
@@ -93,7 +98,7 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
             if lead and (step % t.save_every == 0 or step == t.max_steps or stop):
                 _save(run_dir, step, model, parts, state)
         bar.close()
-        summary = _finish(cfg, model, data, tokenizer, state, run_dir, parts.report) if lead else {}
+        summary = _finish(cfg, model, data, tokenizer, state, run_dir, parts) if lead else {}
     distributed.barrier()
     return summary
 
@@ -123,7 +128,7 @@ def _start_state(parts: Parts, model: torch.nn.Module, ckpt: Path | None, run_di
             metrics_path.write_text("")
         seed_everything(seed)
         return state
-    tensors, state = load_checkpoint(ckpt, model)
+    tensors, state = load_checkpoint(ckpt, model, parts.saved)
     parts.optimizer.load_state_dict(tensors["optimizer"])
     parts.scheduler.load_state_dict(tensors["scheduler"])
     parts.weighting.load_state_dict(tensors["weighting"])
@@ -213,7 +218,8 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, parts: Parts,
     state["template_rng"] = parts.template_rng.getstate()
     tensors = {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
                "weighting": parts.weighting.state_dict(), "torch_rng": torch.get_rng_state()}
-    save_checkpoint(run_dir, step, model, tensors, json.loads(json.dumps(state)))
+    save_checkpoint(run_dir, step, model, tensors, json.loads(json.dumps(state)),
+                    names=parts.saved)
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
@@ -251,17 +257,18 @@ def _evaluate_and_track(cfg: RunConfig, model, data, tokenizer, parts: Parts, st
                          f"{', '.join(scores)}")
     if state["best"] is None or scores[key] > state["best"]:
         state["best"], state["best_step"], state["evals_since_best"] = scores[key], step, 0
-        save_weights(run_dir / "best.safetensors", model)
+        save_weights(run_dir / "best.safetensors", model, parts.saved)
     else:
         state["evals_since_best"] += 1
     patience = cfg.train.early_stopping_patience
     return patience is not None and state["evals_since_best"] >= patience
 
 
-def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, report: CollateReport
+def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
             ) -> dict[str, Any]:
+    report = parts.report
     if (run_dir / "best.safetensors").exists():
-        load_weights(run_dir / "best.safetensors", model)
+        load_weights(run_dir / "best.safetensors", model, parts.saved)
     test = evaluate(model, data, tokenizer, "test", **eval_options(cfg))
     _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "test", "step": state["step"], **test})
     train_records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,8 @@ Layout of a run directory::
     config.json            the run config (JSON)
     tokenizer.model        the sentencepiece model
     model.safetensors      the latest model weights (safetensors: tensors only, no code)
+    base.json              with ``train.save_base: false`` only: the ``init:`` checkpoint the
+                           weight files build on, and the SHA-256 of its weights file(s)
     metrics.jsonl          one JSON object per logged event
     summary.json           final metrics, written when the run ends
     checkpoints/LATEST     name of the newest complete checkpoint directory
@@ -15,15 +17,21 @@ Every file is written to a temporary name, flushed and fsynced, then renamed ove
 (POSIX rename is atomic), and a checkpoint directory only becomes visible to ``resume`` when
 ``LATEST`` is switched to it, as the last step. A kill at any moment therefore leaves the
 previous checkpoint intact and loadable.
+
+A weights file holds the whole model, or — ``names`` in :func:`save_weights`,
+:func:`load_weights` and the checkpoint functions — exactly a named subset of it (a run with
+``train.save_base: false`` keeps only what it trained; the rest is rebuilt from its base).
+Loading stays strict either way: the file must hold exactly the expected tensors.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,23 +96,47 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(path: str | Path, model: torch.nn.Module,
+                 names: Collection[str] | None = None) -> None:
+    """The model's tensors (:func:`model_state`), or only those in ``names``, as safetensors."""
     state = model_state(model)
+    if names is not None:
+        keep = set(names)
+        unknown = sorted(keep - set(state))
+        if unknown:
+            raise ValueError(f"{path}: not tensors of the model: {', '.join(unknown)}")
+        state = {k: v for k, v in state.items() if k in keep}
     atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
 def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
                 side: str = "file", names: str = "",
-                extra_unexpected: list[str] | None = None) -> None:
+                extra_unexpected: list[str] | None = None,
+                expected: Collection[str] | None = None) -> None:
     """Raise one ``ValueError`` listing missing, unexpected and mis-shaped tensors of ``state``
     against ``model`` (tied copies, stored once, are not missing). ``side`` labels the
-    state's shapes, ``names`` qualifies the missing names (e.g. " (polytask names)")."""
-    expected = model.state_dict()
-    tied = set(expected) - set(model_state(model))
-    missing = sorted(set(expected) - set(state) - tied)
-    unexpected = sorted((extra_unexpected or []) + [k for k in state if k not in expected])
-    shapes = sorted(f"{k}: {side} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    state's shapes, ``names`` qualifies the missing names (e.g. " (polytask names)");
+    ``expected``: the state should hold exactly these of the model's tensors (default: all)."""
+    tensors = model.state_dict()
+    if expected is None:
+        tied = set(tensors) - set(model_state(model))
+        missing = sorted(set(tensors) - set(state) - tied)
+        wanted = set(tensors)
+    else:
+        wanted = set(expected)
+        missing = sorted(wanted - set(state))
+    unexpected = sorted((extra_unexpected or []) + [k for k in state if k not in wanted])
+    shapes = sorted(f"{k}: {side} {tuple(state[k].shape)} vs model {tuple(tensors[k].shape)}"
+                    for k in set(state) & wanted if state[k].shape != tensors[k].shape)
     parts = []
     if missing:
         parts.append(f"missing tensors{names}: {', '.join(missing)}")
@@ -116,25 +148,30 @@ def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module, source: 
         raise ValueError(f"{source}: tensors do not match the model: " + " | ".join(parts))
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load safetensors weights; missing, unexpected or mis-shaped tensors are listed."""
+def load_weights(path: str | Path, model: torch.nn.Module,
+                 names: Collection[str] | None = None) -> None:
+    """Load safetensors weights; missing, unexpected or mis-shaped tensors are listed. With
+    ``names`` the file must hold exactly those tensors (the rest of ``model`` is kept)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"missing weights file: {path}")
     state = load_file(str(path))
-    check_state(state, model, str(path))
+    source = str(path) if names is None else f"{path} (the trained tensors only)"
+    check_state(state, model, source, expected=names)
     model.load_state_dict(state, strict=False)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
-                    tensors: dict[str, Any], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``checkpoints/step-N`` completely, then switch ``LATEST`` to it."""
+                    tensors: dict[str, Any], state: dict[str, Any], keep: int = 2,
+                    names: Collection[str] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` completely, then switch ``LATEST`` to it. ``names``: the
+    weights files (the checkpoint's and the run's) hold only these tensors."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
     try:
-        save_weights(tmp / "model.safetensors", model)
+        save_weights(tmp / "model.safetensors", model, names)
         atomic_write(tmp / "optim.pt", lambda p: torch.save(tensors, p))
         write_json(tmp / "state.json", state)
         if final.exists():
@@ -145,7 +182,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write(root / LATEST, lambda p: Path(p).write_text(final.name))
-    save_weights(Path(run_dir) / "model.safetensors", model)
+    save_weights(Path(run_dir) / "model.safetensors", model, names)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -159,10 +196,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model weights; return (tensor state, JSON state). Nothing is unpickled:
-    ``optim.pt`` is read with ``weights_only=True``, which refuses arbitrary objects."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module,
+                    names: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore model weights (only ``names``, when given); return (tensor state, JSON state).
+    Nothing is unpickled: ``optim.pt`` is read with ``weights_only=True``, which refuses
+    arbitrary objects."""
     path = Path(path)
-    load_weights(path / "model.safetensors", model)
+    load_weights(path / "model.safetensors", model, names)
     tensors = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     return tensors, read_json(path / "state.json")

@@ -37,7 +37,7 @@ def _steps(run_dir):
 
 
 def _same(a, b):
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "max_rss_mb")}
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "step_s", "max_rss_mb")}
                        for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert strip(a) == strip(b)
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))

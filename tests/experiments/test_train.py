@@ -24,6 +24,7 @@ def _records(run_dir):
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         rec.pop("tokens_per_s", None)  # wall-clock and memory measurements may differ
+        rec.pop("step_s", None)
         rec.pop("max_rss_mb", None)
         out.append(rec)
     return out
