@@ -153,10 +153,11 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
 
 
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:
-    rows, curves = [], {}
+    rows, curves, summaries = [], {}, []
     names: dict[str, str] = {}
     for name, combo, seed, cfg in runs:
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
+        summaries.append(summary)
         label = combo_label(combo)
         names.update(metric_names(summary))
         for task, value in summary["test"].items():
@@ -173,7 +174,8 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
         w.writeheader()
         w.writerows(rows)
     csv_rows = report.read_results(paths["results"])
-    paths["table"].write_text(report.markdown_table(csv_rows, names))
+    held, examples = report.run_notes(summaries)
+    paths["table"].write_text(report.markdown_table(csv_rows, names, held, examples))
     report.plot_bars(csv_rows, paths["bars"])
     report.plot_curves(curves, paths["curves"])
     return paths

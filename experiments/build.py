@@ -35,6 +35,7 @@ from polytask.core.training.checkpoint import (load_weights, model_state, read_j
 from polytask.core.training import distributed
 from polytask.core.training.optim import freeze, lr_lambda, make_optimizer
 from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind
+from polytask.experiments.evaluate import check_held_out_columns
 from polytask.heads import build_model
 from polytask.heads.model import MultiTaskModel
 from polytask.heads.objective import MultiTaskObjective
@@ -234,6 +235,8 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
     seed_everything(cfg.train.seed)
     model = build_model(model_cfg, specs, cfg.sharing, pretrained=pretrained).to(
         device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
+    # held-out protocol: a held-out task must be scored through trained parameters
+    check_held_out_columns(model, data, cfg.sharing.strategy)
     return data, tokenizer, model
 
 

@@ -2,11 +2,18 @@
 
     polytask train CONFIG [key=value ...] [--out RUN_DIR]
     polytask train --resume RUN_DIR
-    polytask eval RUN_DIR [--split test]
-    polytask generate RUN_DIR --task T --input TEXT
+    polytask eval RUN_DIR [--split test] [--weights best|last]
+    polytask generate RUN_DIR --task T (--input TEXT | --input-file X.jsonl [--output Y.jsonl])
+                      [--instruction I] [--method greedy|beam|sample ...] [--scores]
+                      [--weights best|last]
     polytask ablate CONFIG [key=value ...] [--out DIR] [--jobs N]
     polytask bench [what ...]
-    polytask export RUN_DIR --onnx OUT_DIR
+    polytask export RUN_DIR --onnx OUT_DIR [--weights best|last]
+
+``eval``, ``generate`` and ``export`` load the run's best validation weights
+(``best.safetensors``, the ones ``summary.json`` scores) unless ``--weights last``; a run that
+never validated has none and uses ``model.safetensors``, with a note on stderr. ``generate``
+predicts on evaluation's input path (:func:`polytask.experiments.runs.predict_records`).
 
 A user error (bad config key or value, missing file, unknown task ...) exits with status 2 and
 one line naming the problem; ``--debug`` shows the traceback instead.
@@ -28,6 +35,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="best", choices=["best", "last"],
+                   help="best validation weights, which summary.json scores (default; a run "
+                   "that never validated falls back to last), or the final step's")
+
+
+def _weights(args: argparse.Namespace) -> str:
+    """``args.weights``, after telling stderr when the run lacks that file."""
+    from polytask.experiments.runs import weights_note
+    note = weights_note(Path(args.run_dir), args.weights)
+    if note:
+        print(f"polytask: note: {note}", file=sys.stderr)
+    return args.weights
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="polytask", description="multi-task Transformer research framework")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -43,13 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished or interrupted run")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test")
+    _weights_option(e)
 
-    g = sub.add_parser("generate", help="generate with a trained run")
+    g = sub.add_parser("generate", help="predict with a trained run, as evaluation does")
     g.add_argument("run_dir")
     g.add_argument("--task", required=True)
-    g.add_argument("--input", required=True)
-    g.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
-    g.add_argument("--max-new-tokens", type=int, default=48)
+    given = g.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", help="one input text")
+    given.add_argument("--input-file", metavar="X.jsonl",
+                       help="records with 'input' and optional 'instruction', one a line")
+    g.add_argument("--output", metavar="Y.jsonl",
+                   help="with --input-file: write predictions here (default stdout)")
+    g.add_argument("--instruction", help="for a task without templates (default: the one its "
+                   "records share); records of --input-file may carry their own")
+    g.add_argument("--method", default="greedy", help="greedy (default), beam or sample")
+    g.add_argument("--num-beams", type=int, help="beam: beams (default 4)")
+    g.add_argument("--length-penalty", type=float, help="beam: GNMT alpha (default 1.0)")
+    g.add_argument("--temperature", type=float, help="sample (default 1.0)")
+    g.add_argument("--top-k", type=int, help="sample (default 0: off)")
+    g.add_argument("--top-p", type=float, help="sample (default 1.0: off)")
+    g.add_argument("--seed", type=int, help="sample: fixed seed (default: a fresh one)")
+    g.add_argument("--num-sequences", type=int, default=1, help="sample: samples per input")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="default: the run's train.generation_max_tokens")
+    g.add_argument("--scores", action="store_true",
+                   help="classification tasks: print every label's score")
+    _weights_option(g)
 
     a = sub.add_parser("ablate", help="run an ablation grid and write table and plots")
     a.add_argument("config")
@@ -67,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a run's model")
     x.add_argument("run_dir")
     x.add_argument("--onnx", required=True, metavar="OUT_DIR")
+    _weights_option(x)
     return p
 
 
@@ -93,13 +135,46 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from polytask.experiments.runs import evaluate_run
-    print(json.dumps(evaluate_run(Path(args.run_dir), split=args.split), indent=2))
+    print(json.dumps(evaluate_run(Path(args.run_dir), split=args.split,
+                                  weights=_weights(args)), indent=2))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from polytask.experiments.runs import generate_text
-    print(generate_text(Path(args.run_dir), args.task, args.input, method=args.method,
-                        max_new_tokens=args.max_new_tokens))
+    from polytask.experiments.runs import Decoding, load_run, predict_records
+    if args.output and not args.input_file:
+        raise UsageError("polytask generate: --output needs --input-file")
+    decoding = Decoding(args.method, args.num_beams, args.length_penalty, args.temperature,
+                        args.top_k, args.top_p, args.seed, args.num_sequences,
+                        args.max_new_tokens, args.scores)
+    records = _input_records(args)
+    run = load_run(Path(args.run_dir), weights=_weights(args))
+    out = predict_records(*run, args.task, records, decoding)
+    if args.input_file:
+        lines = "".join(json.dumps(r) + "\n" for r in out)
+        if args.output:
+            Path(args.output).write_text(lines)
+        else:
+            print(lines, end="")
+    elif args.scores:
+        print(json.dumps({"prediction": out[0]["prediction"], "scores": out[0]["scores"]}))
+    else:
+        print("\n".join(out[0].get("predictions", [out[0].get("prediction")])))
+
+
+def _input_records(args: argparse.Namespace) -> list[dict]:
+    """``--input`` (with ``--instruction``) as one record, or the records of ``--input-file``
+    (``--instruction`` fills those that have none)."""
+    from polytask.core.data.task_data import read_records
+    extra = {} if args.instruction is None else {"instruction": args.instruction}
+    if args.input is not None:
+        return [{"input": args.input, **extra}]
+    path = Path(args.input_file)
+    if path.suffix != ".jsonl":
+        raise ValueError(f"--input-file {path}: expected a .jsonl file")
+    records = [{**extra, **r} for _, r in read_records(path)]
+    if not records:
+        raise ValueError(f"--input-file {path}: no records")
+    return records
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -118,7 +193,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from polytask.experiments.runs import export_run
-    for path in export_run(Path(args.run_dir), Path(args.onnx)):
+    for path in export_run(Path(args.run_dir), Path(args.onnx), weights=_weights(args)):
         print(path)
 
 

@@ -69,13 +69,17 @@ class DataConfig:
     truncation: Literal["truncate", "error", "drop"] = "truncate"
     vocab_size: int = 1000              # sentencepiece vocabulary trained on the run's tasks
     tokenizer: Literal["unigram", "bpe"] = "unigram"
-    eval_examples: int = 200            # per task and split, for periodic and final evaluation
+    eval_examples: int = 200            # per task, for periodic validation (and other splits)
+    test_examples: int | None = None    # per task, for the final test; None: every example
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
         for name in ("max_source_len", "max_target_len", "vocab_size", "eval_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} = {getattr(self, name)} must be positive")
+        if self.test_examples is not None and self.test_examples <= 0:
+            raise ValueError(f"data.test_examples = {self.test_examples} must be positive "
+                             "(or null: score every test example)")
 
 
 @dataclass
@@ -96,7 +100,9 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 50
     early_stopping_patience: int | None = None   # evaluations without improvement
-    early_stopping_metric: str = "average"       # "average" or a task name
+    # what selects checkpoints and stops early: "average_seen" (mean over trained tasks) or a
+    # trained task's name; held-out tasks never may (experiments.evaluate.check_selection_metric)
+    early_stopping_metric: str = "average_seen"
     train_top_layers: int | None = None  # layerwise freezing: train only the top N layers per stack
     train_only: list[str] = field(default_factory=list)  # discriminative tuning, e.g. [decoder]
     peft: dict[str, Any] = field(default_factory=dict)   # {method: lora, r: 8, ...}

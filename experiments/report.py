@@ -5,6 +5,11 @@ is the mean ± standard deviation over seeds (sample std, ``ddof=1``; 0 for one 
 difference Δ of the mean against the single-task baseline (the combination with
 ``sharing.strategy = none`` and otherwise the same settings, when the grid has one). The best
 mean of each column is bold.
+
+Averages: ``average_seen`` (trained tasks) and ``average_held_out`` (held-out tasks, scored
+zero-shot) are separate columns; results without them (older runs) show ``average``. Held-out
+task columns are marked ``†`` and explained in a footnote, as is the number of test examples
+scored per task (:func:`run_notes` reads both from the runs' ``summary.json``).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-AVERAGE = "average"
+AVERAGE = "average"                               # legacy: runs without held-out tasks
+AVERAGES = ("average_seen", "average_held_out", AVERAGE)
+HELD_OUT_MARK = "†"
 
 
 def read_results(path: str | Path) -> list[dict[str, str]]:
@@ -35,10 +42,29 @@ def aggregate(rows: list[dict[str, str]]) -> tuple[list[str], list[str], dict[tu
     for r in rows:
         if r["combination"] not in combos:
             combos.append(r["combination"])
-        if r["task"] not in tasks and r["task"] != AVERAGE:
+        if r["task"] not in tasks and r["task"] not in AVERAGES:
             tasks.append(r["task"])
         cells[(r["combination"], r["task"])].append(float(r["value"]))
-    return combos, tasks + [AVERAGE], cells
+    return combos, tasks + average_columns({r["task"] for r in rows}), cells
+
+
+def average_columns(present: set[str]) -> list[str]:
+    """``average_seen`` and ``average_held_out`` where present; else the legacy ``average``."""
+    if "average_seen" in present:
+        return [a for a in AVERAGES[:2] if a in present]
+    return [AVERAGE]
+
+
+def run_notes(summaries: list[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:
+    """(held-out tasks, ``{task: test examples scored}``) over the runs' summaries (the
+    smallest count where runs differ); summaries without the keys contribute nothing."""
+    held: list[str] = []
+    examples: dict[str, int] = {}
+    for s in summaries:
+        held += [t for t in s.get("held_out", []) if t not in held]
+        for t, n in s.get("examples", {}).get("test", {}).items():
+            examples[t] = min(n, examples.get(t, n))
+    return held, examples
 
 
 def baseline_of(combo: str) -> str | None:
@@ -50,14 +76,23 @@ def baseline_of(combo: str) -> str | None:
     return ", ".join(f"{k}={v}" for k, v in parts.items())
 
 
-def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | None = None) -> str:
+def _column_name(t: str, metric_names: dict[str, str], held_out: set[str]) -> str:
+    name = f"{t}{HELD_OUT_MARK}" if t in held_out else t
+    return f"{name} ({metric_names[t]})" if t in metric_names else name
+
+
+def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | None = None,
+                   held_out: list[str] | None = None,
+                   examples: dict[str, int] | None = None) -> str:
+    """The table (module doc); ``held_out`` and ``examples`` as :func:`run_notes` gives them."""
     combos, tasks, cells = aggregate(rows)
     metric_names = metric_names or {}
+    held = set(held_out or [])
     best = {}
     for t in tasks:
         means = [_stats(cells[(c, t)])[0] for c in combos if cells.get((c, t))]
         best[t] = max(means) if means else None
-    header = ["setting"] + [f"{t} ({metric_names[t]})" if t in metric_names else t for t in tasks]
+    header = ["setting"] + [_column_name(t, metric_names, held) for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in combos:
         base = baseline_of(c)
@@ -79,7 +114,19 @@ def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | No
     lines.append("")
     lines.append(f"Mean ± std over {n_seeds} seed(s) on the test split; Δ against the single-task "
                  "baseline (sharing.strategy=none) with the same other settings; best mean in bold.")
+    lines += _footnotes([t for t in tasks if t in held], examples or {})
     return "\n".join(lines) + "\n"
+
+
+def _footnotes(held: list[str], examples: dict[str, int]) -> list[str]:
+    out = []
+    if held:
+        out.append(f"{HELD_OUT_MARK} held out ({', '.join(held)}): never trained, scored zero-shot; "
+                   "in average_held_out only, never in average_seen or checkpoint selection.")
+    if examples:
+        out.append("Test examples scored per task: "
+                   + ", ".join(f"{t} {n}" for t, n in examples.items()) + ".")
+    return out
 
 
 def plot_bars(rows: list[dict[str, str]], path: str | Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from polytask.core.accelerate import accelerated
+from polytask.core.data.batch import Batch
 from polytask.core.data.collate import collate
 from polytask.core.peft import parameter_counts
 from polytask.core.training import distributed
@@ -38,7 +39,9 @@ from polytask.core.training.checkpoint import (latest_checkpoint, load_checkpoin
 from polytask.core.data.tasks import TaskSpec
 from polytask.experiments.build import Parts, build_parts, build_run, seed_everything
 from polytask.experiments.config import RunConfig
-from polytask.experiments.evaluate import eval_options, evaluate
+from polytask.losses.weighting import Weighting
+from polytask.experiments.evaluate import (check_selection_metric, eval_options, evaluate,
+                                           scored_examples)
 
 
 def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
@@ -72,9 +75,11 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
             step = state["step"]
             t0 = time.perf_counter()
             model.set_progress(step / t.max_steps)
-            step_losses, logs, finite, n_tokens = _accumulate(cfg, parts, model, data, tokenizer,
-                                                              rank, world)
+            step_losses, logs, finite, n_tokens, batch = _accumulate(cfg, parts, model, data,
+                                                                     tokenizer, rank, world)
             finite = _update(parts, state, finite, world, step, t)
+            if finite and world == 1 and _observes_steps(parts.weighting):
+                _after_step(parts, model, batch, t)
             state["step"] = step = step + 1
             for k, v in step_losses.items():
                 acc = state["epoch_losses"].setdefault(k, [0.0, 0])
@@ -142,9 +147,11 @@ def _start_state(parts: Parts, model: torch.nn.Module, ckpt: Path | None, run_di
 
 
 def _accumulate(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, tokenizer,
-                rank: int, world: int) -> tuple[dict[str, float], dict[str, float], bool, int]:
+                rank: int, world: int
+                ) -> tuple[dict[str, float], dict[str, float], bool, int, Batch]:
     """Forward and weighted backward of ``train.grad_accum`` micro-batches. Returns the step's
-    task losses, logs, whether every loss was finite, and the number of tokens."""
+    task losses, logs, whether every loss was finite, the number of tokens and the last
+    micro-batch."""
     t = cfg.train
     micro = t.batch_size // (world * t.grad_accum)
     step_losses: dict[str, float] = {}
@@ -176,14 +183,31 @@ def _accumulate(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, toke
         ok = all(bool(torch.isfinite(v)) for v in task_losses.values()) and \
             (extra is None or bool(torch.isfinite(extra)))
         if not distributed.all_true(ok):
-            return step_losses, logs, False, n_tokens
+            return step_losses, logs, False, n_tokens, batch
         weights = parts.weighting.backward(task_losses, parts.shared, extra=extra,
                                            last_shared=parts.last_shared)
         for k, v in task_losses.items():
             step_losses[k] = step_losses.get(k, 0.0) + float(v.detach())
         logs.update({k: v for k, v in result.logs.items() if not k.startswith("loss/")})
         logs.update({f"weight/{k}": float(w) for k, w in weights.items()})
-    return step_losses, logs, True, n_tokens
+    return step_losses, logs, True, n_tokens, batch
+
+
+def _observes_steps(weighting: Weighting) -> bool:
+    """Whether the weighting learns from the losses right after an optimizer step (FAMO's
+    ``after_step``; the base class's is a no-op)."""
+    return type(weighting).after_step is not Weighting.after_step
+
+
+@torch.no_grad()
+def _after_step(parts: Parts, model: torch.nn.Module, batch: Batch, t) -> None:
+    """FAMO's protocol (Liu et al. 2023, their ``update(loss_after)``): the task losses of the
+    step's last micro-batch again, with the updated parameters, handed to the weighting. One
+    more forward per step, for the weightings that ask for it. (Under data parallelism the
+    weighting observes the next step's losses instead: see its docstring.)"""
+    with torch.autocast(torch.device(t.device).type, dtype=torch.bfloat16, enabled=t.bf16):
+        result = parts.objective(model, model(batch), batch)
+    parts.weighting.after_step({k: v.float() for k, v in result.task_losses.items()})
 
 
 def _update(parts: Parts, state: dict[str, Any], finite: bool, world: int, step: int,
@@ -248,10 +272,11 @@ def _end_epoch(weighting, state) -> None:
 def _evaluate_and_track(cfg: RunConfig, model, data, tokenizer, parts: Parts, state, run_dir,
                         step) -> bool:
     """Validation metrics, best-weights tracking, DWA's epoch, early stopping. True = stop."""
-    scores = evaluate(model, data, tokenizer, "validation", **eval_options(cfg))
+    key = cfg.train.early_stopping_metric
+    check_selection_metric(key, data)   # held-out tasks never select checkpoints
+    scores = evaluate(model, data, tokenizer, "validation", **eval_options(cfg, "validation"))
     _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "validation", "step": step, **scores})
     _end_epoch(parts.weighting, state)
-    key = cfg.train.early_stopping_metric
     if key not in scores:
         raise ValueError(f"train.early_stopping_metric {key!r} is not evaluated; choose one of "
                          f"{', '.join(scores)}")
@@ -269,7 +294,8 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
     report = parts.report
     if (run_dir / "best.safetensors").exists():
         load_weights(run_dir / "best.safetensors", model, parts.saved)
-    test = evaluate(model, data, tokenizer, "test", **eval_options(cfg))
+    options = eval_options(cfg, "test")   # every test example unless data.test_examples
+    test = evaluate(model, data, tokenizer, "test", **options)
     _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "test", "step": state["step"], **test})
     train_records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in train_records if r.get("event") == "train"]
@@ -278,6 +304,7 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
         "best_validation": state["best"], "bad_steps": state["bad_steps"],
         "metrics": {n: s.metric_name for n, s in data.specs.items()},
         "held_out": data.held_out_tasks,
+        "examples": {"test": scored_examples(data, "test", options["limit"])},
         "tokens_per_s": float(np.median(speeds)) if speeds else None,
         "truncation": {"truncated_source": report.truncated_source,
                        "truncated_target": report.truncated_target, "dropped": report.dropped},

@@ -31,7 +31,8 @@ Interface (every method):
         ``[shared_params[-1]]``. Ignored by the other methods.
         Accumulates gradients into ``.grad`` (like ``loss.backward()``; the loop zeroes them)
         and returns the weight each present task received, for logging.
-    end_epoch(mean_losses)   epoch-level mean loss per task (DWA uses it; others ignore it).
+    end_epoch(mean_losses)   epoch-level mean loss per task (the loop calls it at each evaluation;
+                             every built-in method ignores it: DWA averages over windows of steps).
     after_step(new_losses)   losses of the same tasks after the optimizer step (FAMO).
 
 Parameters: ``weighting.parameters()`` holds exactly what the training loop must add to its

@@ -11,15 +11,32 @@ change in log-losses updates the logits (Algorithm 1):
 
     delta = J_z(xi)^T [log l_i(theta_t) - log l_i(theta_t+1)]_i,   xi <- xi - lr * (delta + gamma * xi)
 
-so tasks whose loss fell faster lose weight. We use Algorithm 1's plain step (the official
-code uses Adam on xi with weight decay gamma; Algorithm 2 / LibMTL default gamma = 1e-3).
+so tasks whose loss fell faster lose weight. The step on xi (``optimizer``):
+
+- ``"adam"`` (default): the authors' code (github.com/Cranial-XIX/FAMO, ``famo.py``
+  ``FAMO.update``; LibMTL's ``FAMO``) — ``torch.optim.Adam([xi], lr=w_lr, weight_decay=gamma)``
+  fed the gradient delta, i.e. g = delta + gamma * xi, then Adam's bias-corrected step with
+  betas (0.9, 0.999) and eps 1e-8. Written out here (no optimizer object) so its moments and
+  step count are buffers and a resumed run continues bit-identically.
+- ``"sgd"``: Algorithm 1's plain step xi <- xi - lr * (delta + gamma * xi). Log-loss changes
+  per step are small, so at lr = 0.025 the logits hardly move; Adam's normalised step moves
+  them by about lr per step whatever the loss scale.
+
+Defaults lr = 0.025 (``w_lr`` in the authors' code and LibMTL) and gamma = 1e-3 (LibMTL's
+``FAMO_w_gamma``; the authors' standalone ``famo.py`` uses 0.01, their ``methods/
+weight_methods.py`` 1e-5, and their run scripts tune it per benchmark).
+
+The weights ``backward`` reports are the effective weights on grad L_i, c z_i / l_i: scale-free
+by design, so a task with a small loss gets a large one. The balance FAMO controls is z, i.e.
+equal *relative* (log-loss) decrease across tasks.
 
 How l(theta_t+1) is observed in our loop: (a) the paper's protocol — the loop re-evaluates the
 same batch after ``optimizer.step()`` and calls ``after_step(new_losses)``; or (b) if
 ``after_step`` was not called, the next ``backward`` uses *its* losses (next batch, no extra
 forward, noisier). Only tasks present in both observations are updated; a step's softmax runs
-over its present tasks only, so absent tasks keep their logits. xi is a buffer, not a
-parameter: the update above is the only rule that changes it.
+over its present tasks only, so absent tasks keep their logits and Adam moments (each task
+has its own Adam step count; with every task present this is exactly ``torch.optim.Adam``).
+xi is a buffer, not a parameter: the update above is the only rule that changes it.
 """
 from __future__ import annotations
 
@@ -37,25 +54,34 @@ from polytask.losses.weighting.base import GradientReducer, Weighting
 class FAMO(Weighting):
     """Args:
         task_names: every task of the run.
-        lr: beta, step size of the logits (0.025 in the paper's experiments).
-        gamma: regularisation pulling xi towards 0 (equal weights).
+        lr: beta, step size of the logits (``w_lr`` = 0.025 in the authors' code).
+        gamma: weight decay pulling xi towards 0 (equal weights); Adam's ``weight_decay``.
+        optimizer: ``"adam"`` (the authors' code, default) or ``"sgd"`` (Algorithm 1's step).
         min_losses: optional task name -> lower bound of its loss (default 0).
         eps: added inside the log for stability.
         gradient_reducer: see :mod:`polytask.losses.weighting.base` (unused: no per-task gradients).
     """
 
     def __init__(self, task_names: Sequence[str], lr: float = 0.025, gamma: float = 1e-3,
-                 min_losses: dict[str, float] | None = None, eps: float = 1e-8, *,
+                 min_losses: dict[str, float] | None = None, eps: float = 1e-8,
+                 optimizer: str = "adam", *,
                  gradient_reducer: GradientReducer | None = None) -> None:
         super().__init__(task_names, gradient_reducer=gradient_reducer)
         if lr <= 0 or gamma < 0 or eps < 0:
             raise ValueError(f"need lr > 0, gamma >= 0, eps >= 0; got lr={lr}, gamma={gamma}, eps={eps}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"famo optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        self.optimizer = optimizer
         min_losses = dict(min_losses or {})
         self.present(min_losses)
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         self.register_buffer("logits", torch.zeros(self.n_tasks, dtype=torch.float64))
         self.register_buffer("min_losses", torch.tensor(
             [float(min_losses.get(n, 0.0)) for n in self.task_names], dtype=torch.float64))
+        # Adam's first / second moments and per-task step count (unused by "sgd")
+        self.register_buffer("adam_m", torch.zeros(self.n_tasks, dtype=torch.float64))
+        self.register_buffer("adam_v", torch.zeros(self.n_tasks, dtype=torch.float64))
+        self.register_buffer("adam_step", torch.zeros(self.n_tasks, dtype=torch.int64))
         # l(theta_t) of the last backward, waiting for its l(theta_t+1); NaN = none pending
         self.register_buffer("pending", torch.full((self.n_tasks,), math.nan, dtype=torch.float64))
 
@@ -107,6 +133,21 @@ class FAMO(Weighting):
             z = torch.softmax(self.logits[idx], dim=0)
             delta = z * (change - (z * change).sum())       # J_z^T change for the softmax
             logits = self.logits.clone()
-            logits[idx] = self.logits[idx] - self.lr * (delta + self.gamma * self.logits[idx])
+            logits[idx] = self._step(idx, delta)
             self.logits = logits
         self.pending = torch.full_like(self.pending, math.nan)
+
+    def _step(self, idx: Tensor, delta: Tensor) -> Tensor:
+        """New logits xi[idx] after one step with gradient ``delta`` (weight decay included)."""
+        xi = self.logits[idx]
+        grad = delta + self.gamma * xi                   # torch.optim's L2 weight_decay
+        if self.optimizer == "sgd":
+            return xi - self.lr * grad
+        beta1, beta2, eps = 0.9, 0.999, 1e-8             # torch.optim.Adam's defaults
+        m = beta1 * self.adam_m[idx] + (1 - beta1) * grad
+        v = beta2 * self.adam_v[idx] + (1 - beta2) * grad * grad
+        step = self.adam_step[idx] + 1
+        self.adam_m[idx], self.adam_v[idx], self.adam_step[idx] = m, v, step
+        correction1 = 1 - beta1 ** step.to(xi.dtype)      # the buffers' dtype (the loop may cast them)
+        correction2 = 1 - beta2 ** step.to(xi.dtype)
+        return xi - self.lr / correction1 * m / (v.sqrt() / correction2.sqrt() + eps)

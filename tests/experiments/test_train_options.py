@@ -83,3 +83,25 @@ def test_held_out_task_is_evaluated_but_never_trained(tmp_path):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = {k for r in records if r.get("event") == "train" for k in r if k.startswith("loss/")}
     assert trained and "loss/copy" not in trained
+
+
+@pytest.mark.parametrize("method, observed", [("famo", True), ("static", False)])
+def test_the_loop_hands_famo_the_losses_after_each_step(tmp_path, monkeypatch, method, observed):
+    """FAMO's protocol (its authors' ``update(loss_after)``): after every optimizer step the
+    loop re-scores the step's last micro-batch with the new parameters and calls
+    ``after_step`` with those losses; weightings that do not override it cost no forward."""
+    from polytask.experiments import train as train_module
+    from polytask.losses.weighting.famo import FAMO
+    seen = []
+    original = FAMO.after_step
+    monkeypatch.setattr(FAMO, "after_step",
+                        lambda self, losses: seen.append(sorted(losses)) or original(self, losses))
+    forwards = []
+    real = train_module._after_step
+    monkeypatch.setattr(train_module, "_after_step",
+                        lambda *a: forwards.append(1) or real(*a))
+    cfg = load_config(TINY, FAST + [f"weighting.method={method}"])
+    train_run(cfg, tmp_path / "run", progress=False)
+    assert len(forwards) == (4 if observed else 0)
+    assert len(seen) == (4 if observed else 0)
+    assert all(names and set(names) <= {"copy", "reverse", "parity"} for names in seen)

@@ -107,8 +107,10 @@ def test_pcgrad_three_tasks_and_invariants():
 
 
 def test_famo_weights_after_one_update_and_gamma_decay():
+    # Algorithm 1's plain step (optimizer="sgd"); the default Adam step is checked against the
+    # authors' code in test_dwa_famo_reference.py
     beta, gamma = 0.5, 0.1
-    famo = losses.get_weighting("famo")(["a", "b"], lr=beta, gamma=gamma, eps=0.0)
+    famo = losses.get_weighting("famo")(["a", "b"], lr=beta, gamma=gamma, eps=0.0, optimizer="sgd")
     la = torch.tensor(1.0, dtype=f64, requires_grad=True)
     lb = torch.tensor(2.0, dtype=f64, requires_grad=True)
     # xi = 0: z = (1/2, 1/2), c = 1 / (0.5/1 + 0.5/2) = 4/3, weight on grad l_i = c z_i / l_i

@@ -119,27 +119,34 @@ def test_uncertainty_objective_and_gradient_wrt_log_variance():
     assert l_b.grad.item() == pytest.approx(0.5)
 
 
-def test_dwa_weights_over_three_epochs():
-    weighting = losses.get_weighting("dwa")(["a", "b", "c"])        # K = 3, T = 2
-    assert weighting.weights().tolist() == [1.0, 1.0, 1.0]         # epoch 1
-    weighting.end_epoch({"a": 1.0, "b": 1.0, "c": 1.0})
-    assert weighting.weights().tolist() == [1.0, 1.0, 1.0]         # epoch 2
-    weighting.end_epoch({"a": 0.5, "b": 1.0, "c": 2.0})
-    # epoch 3: r = L(2) / L(1) = (0.5, 1, 2); w = 3 exp(r/2) / sum exp(r/2)
-    e = [torch.tensor(x).exp().item() for x in (0.25, 0.5, 1.0)]
-    torch.testing.assert_close(weighting.weights(), torch.tensor([3 * x / sum(e) for x in e],
-                                                                 dtype=torch.float64))
-    weighting.end_epoch({"a": 0.25, "b": 0.5, "c": 2.0})
-    e = [torch.tensor(x).exp().item() for x in (0.25, 0.25, 0.5)]  # r = (0.5, 0.5, 1)
-    torch.testing.assert_close(weighting.weights(), torch.tensor([3 * x / sum(e) for x in e],
-                                                                 dtype=torch.float64))
+def _dwa_epoch(weighting, means):
+    """One DWA window of 2 steps whose per-task mean is ``means`` (values mean +- 0.1)."""
+    for sign in (1, -1):
+        weighting.backward({n: torch.tensor(v + sign * 0.1, dtype=torch.float64)
+                            for n, v in means.items()}, [])
+
+
+def test_dwa_weights_over_three_windows():
+    weighting = losses.get_weighting("dwa")(["a", "b", "c"], window=2)   # K = 3, T = 2
+    assert weighting.weights().tolist() == [1.0, 1.0, 1.0]         # window 1
+    _dwa_epoch(weighting, {"a": 1.0, "b": 1.0, "c": 1.0})
+    assert weighting.weights().tolist() == [1.0, 1.0, 1.0]         # window 2
+    _dwa_epoch(weighting, {"a": 0.5, "b": 1.0, "c": 2.0})
+    # window 3: r = L(2) / L(1) = (0.5, 1, 2); w = 3 exp(r/2) / sum exp(r/2)
+    e = [torch.tensor(x, dtype=torch.float64).exp() for x in (0.25, 0.5, 1.0)]
+    torch.testing.assert_close(weighting.weights(), torch.stack([3 * x / sum(e) for x in e]))
+    _dwa_epoch(weighting, {"a": 0.25, "b": 0.5, "c": 2.0})
+    e = [torch.tensor(x, dtype=torch.float64).exp() for x in (0.25, 0.25, 0.5)]  # r = (.5, .5, 1)
+    torch.testing.assert_close(weighting.weights(), torch.stack([3 * x / sum(e) for x in e]))
     assert weighting.weights().sum().item() == pytest.approx(3.0)
+    weighting.end_epoch({"a": 9.0})                                # a no-op now
+    torch.testing.assert_close(weighting.weights(), torch.stack([3 * x / sum(e) for x in e]))
 
 
-def test_dwa_task_missing_from_an_epoch_gets_neutral_ratio():
-    weighting = losses.get_weighting("dwa")(["a", "b"])
-    weighting.end_epoch({"a": 1.0, "b": 1.0})
-    weighting.end_epoch({"a": 2.0})              # b unseen: r_b = 1
-    e = [torch.tensor(1.0).exp().item(), torch.tensor(0.5).exp().item()]
-    torch.testing.assert_close(weighting.weights(), torch.tensor([2 * x / sum(e) for x in e],
-                                                                 dtype=torch.float64))
+def test_dwa_task_missing_from_a_window_gets_neutral_ratio():
+    weighting = losses.get_weighting("dwa")(["a", "b"], window=2)
+    _dwa_epoch(weighting, {"a": 1.0, "b": 1.0})
+    _dwa_epoch(weighting, {"a": 2.0})              # b unseen: its window stays open, r_b = 1
+    e = [torch.tensor(1.0, dtype=torch.float64).exp(), torch.tensor(0.5, dtype=torch.float64).exp()]
+    torch.testing.assert_close(weighting.weights(), torch.stack([2 * x / sum(e) for x in e]))
+    assert weighting.window_count.tolist() == [0, 0]
