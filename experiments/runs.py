@@ -22,8 +22,8 @@ from polytask.core.export import export_model
 from polytask.core.peft import unwrap_lora
 from polytask.core.training.checkpoint import load_weights, read_json
 from polytask.core.data.task_data import TaskData
-from polytask.experiments.build import (adapt, build_run, resolve_tasks,  # noqa: F401 (resolve_tasks: public here too)
-                                        weight_names)
+from polytask.experiments.adapt import adapt, weight_names
+from polytask.experiments.build import build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
 from polytask.experiments.train import train
@@ -70,7 +70,7 @@ def load_run(run_dir: Path, *, merge: bool = True, weights: str = "best"
     :func:`weights_file`: ``best`` (the default: the weights the run's summary scores) or
     ``last``.
 
-    The run's PEFT and freezing (``train.peft``, :func:`polytask.experiments.build.adapt`) are
+    The run's PEFT and freezing (``train.peft``, :func:`polytask.experiments.adapt.adapt`) are
     re-applied before the weights load, so the modules match the saved tensors. With ``merge``
     (the default) LoRA updates are then folded into their base weights and the wrappers
     removed (:func:`polytask.core.peft.unwrap_lora`): the plain module tree that inference,

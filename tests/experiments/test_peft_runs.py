@@ -17,7 +17,8 @@ from polytask.core.model.transformer import count_parameters
 from polytask.core.peft import LoRALinear, apply_peft, describe_counts, parameter_counts
 from polytask.core.peft.prompt import extend_mask
 from polytask.core.training.checkpoint import LATEST, model_state
-from polytask.experiments.build import adapt, build_parts, build_run
+from polytask.experiments.adapt import adapt
+from polytask.experiments.build import build_parts, build_run
 from polytask.experiments.config import load_config
 from polytask.experiments.runs import (evaluate_run, export_run, generate_text, load_run,
                                        resolve_tasks, train_run)

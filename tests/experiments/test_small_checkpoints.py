@@ -23,8 +23,8 @@ from polytask.core.data.tasks import TaskSpec  # noqa: E402
 from polytask.core.model.config import ModelConfig  # noqa: E402
 from polytask.core.peft import apply_peft  # noqa: E402
 from polytask.core.training.checkpoint import LATEST, model_state, save_weights  # noqa: E402
-from polytask.experiments.build import (adapt, base_weight_files, build_run,  # noqa: E402
-                                        init_backbone, trained_names)
+from polytask.experiments.adapt import adapt, trained_names  # noqa: E402
+from polytask.experiments.build import base_weight_files, build_run, init_backbone  # noqa: E402
 from polytask.experiments.config import RunConfig  # noqa: E402
 from polytask.experiments.runs import evaluate_run, generate_text, load_run, train_run  # noqa: E402
 from polytask.heads import build_model  # noqa: E402
