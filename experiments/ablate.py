@@ -175,7 +175,8 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
         w.writerows(rows)
     csv_rows = report.read_results(paths["results"])
     held, examples = report.run_notes(summaries)
-    paths["table"].write_text(report.markdown_table(csv_rows, names, held, examples))
+    paths["table"].write_text(report.markdown_table(csv_rows, names, held, examples,
+                                                    notes=report.evaluation_notes(summaries)))
     report.plot_bars(csv_rows, paths["bars"])
     report.plot_curves(curves, paths["curves"])
     return paths

@@ -71,12 +71,21 @@ class DataConfig:
     tokenizer: Literal["unigram", "bpe"] = "unigram"
     eval_examples: int = 200            # per task, for periodic validation (and other splits)
     test_examples: int | None = None    # per task, for the final test; None: every example
+    # templates scored at the final test: "first" (the main score, cheap) or "all" (T0's
+    # robustness: mean/min/max over every template in summary.json, k templates cost k x the
+    # test); the main per-task score is always the first template's (experiments.evaluate)
+    eval_templates: Literal["first", "all"] = "first"
+    # demonstrations from the train split prepended at the final test and `polytask eval`
+    # (never at validation: checkpoints are chosen zero-shot)
+    eval_shots: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
         for name in ("max_source_len", "max_target_len", "vocab_size", "eval_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} = {getattr(self, name)} must be positive")
+        if self.eval_shots < 0:
+            raise ValueError(f"data.eval_shots = {self.eval_shots} must be >= 0 (0: zero-shot)")
         if self.test_examples is not None and self.test_examples <= 0:
             raise ValueError(f"data.test_examples = {self.test_examples} must be positive "
                              "(or null: score every test example)")

@@ -11,34 +11,141 @@ seen tasks may select checkpoints (:func:`check_selection_metric`), and a held-o
 scored through trained parameters (:func:`check_held_out_columns`). ``average`` is kept for
 runs without held-out tasks only (there it equals ``average_seen``; older configs and reports
 use it); with held-out tasks it is omitted, so nothing mixes the two.
-Evaluation uses each task's first template (fixed), as FLAN does.
+Templates and shots (FLAN, Wei et al. 2022; T0, Sanh et al. 2022): a task's main score uses its
+first template (fixed, as FLAN does), so periodic validation and checkpoint selection stay cheap
+and comparable. The final test may also score every template (``data.eval_templates: all``;
+default ``first``, since k templates cost k times the test) and reports mean/min/max per task in
+``summary.json`` under ``templates``. ``data.eval_shots = k`` prepends k demonstrations from the
+task's train split (:func:`eval_examples`: seeded by ``train.seed`` and the example index, never
+the scored example, rendered with the same template, dropped from the front until the source
+fits ``data.max_source_len``) at the final test and ``polytask eval``; validation stays
+zero-shot. Held-out tasks have no loaded train split, so they stay zero-shot.
 """
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, replace
 from statistics import mean
 from typing import Any
 
 import torch
 
 from polytask.core.data.collate import CollateReport, collate
-from polytask.core.data.task_data import TaskData
+from polytask.core.data.task_data import Example, TaskData, render
+from polytask.core.data.tasks import TaskSpec
 from polytask.core.decoding.generation import generate
 from polytask.core.metrics import compute_metrics
 from polytask.core.data.tokenizer import Tokenizer
 from polytask.experiments.config import RunConfig
 
 
-@torch.no_grad()
-def predict(model: Any, data: TaskData, tokenizer: Tokenizer, task: str, split: str, *,
-            limit: int | None, batch_size: int, max_source_len: int, max_target_len: int,
-            max_new_tokens: int) -> tuple[list[str], list[str]]:
-    """(predictions, references) as text for the first ``limit`` examples of ``split`` (None:
-    every example)."""
+TEMPLATE_MODES = ("first", "all")
+DEMO_FORMAT = "{source} => {target}"   # one demonstration, "input => output" (GPT-3 / FLAN style)
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_details` measured on one split.
+
+    Fields:
+        scores: ``{task: value, ..., averages}``, the first template's (:func:`evaluate`).
+        templates: ``{task: {"mean", "min", "max", "per_template"}}`` over the templates
+            scored (``per_template[0]`` is the main score).
+        demonstrations: ``{task: mean demonstrations used per example}`` (first template).
+    """
+
+    scores: dict[str, float]
+    templates: dict[str, dict[str, Any]]
+    demonstrations: dict[str, float]
+
+
+def template_count(spec: TaskSpec) -> int:
+    """Templates a task is scored with: its own, or one (its records' instruction)."""
+    return max(1, len(spec.templates))
+
+
+def templated(example: Example, spec: TaskSpec, template: int) -> Example:
+    """``example`` rendered with ``spec.templates[template]``; without templates, as it is.
+    Template 0 is :func:`polytask.core.data.task_data.apply_template`'s evaluation choice."""
+    if not spec.templates:
+        return example
+    text = render(spec.templates[template], example.meta.get("input", ""), spec.labels)
+    return replace(example, source=text)
+
+
+def _content(example: Example) -> tuple[str, str]:
+    return example.meta.get("input", example.source), example.target
+
+
+def demonstration_indices(data: TaskData, task: str, split: str, index: int, shots: int,
+                          seed: int) -> list[int]:
+    """Up to ``shots`` indices into ``task``'s train split, the demonstrations for example
+    ``index`` of ``split``: drawn by an rng seeded with (seed, task, split, index), so the same
+    on every run and template; never the scored example (the same train index, or the same
+    input and target). A task without a loaded train split (held out) gets none."""
+    pool = data.examples[task].get("train", [])
+    if shots == 0 or not pool:
+        return []
+    scored = data.examples[task][split][index]
+    rng = random.Random(f"{seed}/{task}/{split}/{index}")   # str seeds are stable across runs
+
+    def usable(j: int) -> bool:
+        return not (split == "train" and j == index) and _content(pool[j]) != _content(scored)
+
+    order = rng.sample(range(len(pool)), min(len(pool), shots + 8))
+    picked = [j for j in order if usable(j)][:shots]
+    if len(picked) < shots and len(order) < len(pool):   # many copies of the scored example
+        seen = set(order)
+        rest = [j for j in range(len(pool)) if j not in seen and usable(j)]
+        picked += rng.sample(rest, min(len(rest), shots - len(picked)))
+    return picked
+
+
+def few_shot_source(demos: list[Example], scored: Example) -> str:
+    """The demonstrations, then the scored example's source; just that without demos."""
+    return " ".join([DEMO_FORMAT.format(source=d.source, target=d.target) for d in demos]
+                    + [scored.source])
+
+
+def with_demonstrations(scored: Example, demos: list[Example], tokenizer: Tokenizer,
+                        max_source_len: int) -> tuple[Example, int]:
+    """(``scored`` with ``demos`` prepended, demonstrations kept): demonstrations are dropped
+    from the front until the tokenized source fits ``max_source_len`` (the scored example
+    itself is truncated by the collator, as without demonstrations)."""
+    demos = list(demos)
+    while demos and len(tokenizer.encode_source(few_shot_source(demos, scored))) > max_source_len:
+        demos.pop(0)
+    return replace(scored, source=few_shot_source(demos, scored)), len(demos)
+
+
+def eval_examples(data: TaskData, tokenizer: Tokenizer, task: str, split: str, *,
+                  limit: int | None, max_source_len: int, template: int = 0, shots: int = 0,
+                  seed: int = 0) -> tuple[list[Example], list[int]]:
+    """(the first ``limit`` examples of ``split`` as scored, demonstrations used per example):
+    rendered with ``template``, each demonstration with the same template."""
     spec = data.specs[task]
     pool = data.examples[task].get(split)
     if not pool:
         raise ValueError(f"task {task!r} has no {split!r} split; splits: {', '.join(data.examples[task])}")
-    examples = [data.get(task, split, i) for i in range(scored_count(len(pool), limit))]
+    train = data.examples[task].get("train", [])
+    examples: list[Example] = []
+    used: list[int] = []
+    for i in range(scored_count(len(pool), limit)):
+        demos = [templated(train[j], spec, template)
+                 for j in demonstration_indices(data, task, split, i, shots, seed)]
+        example, n = with_demonstrations(templated(pool[i], spec, template), demos, tokenizer,
+                                         max_source_len)
+        examples.append(example)
+        used.append(n)
+    return examples, used
+
+
+@torch.no_grad()
+def predict_examples(model: Any, data: TaskData, tokenizer: Tokenizer, task: str,
+                     examples: list[Example], *, batch_size: int, max_source_len: int,
+                     max_target_len: int, max_new_tokens: int) -> list[str]:
+    """The model's prediction, as text, for each of ``examples`` (of ``task``)."""
+    spec = data.specs[task]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -64,27 +171,68 @@ def predict(model: Any, data: TaskData, tokenizer: Tokenizer, task: str, split: 
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
             preds += tokenizer.decode_batch(ids.tolist())
     model.train(was_training)
+    return preds
+
+
+def predict(model: Any, data: TaskData, tokenizer: Tokenizer, task: str, split: str, *,
+            limit: int | None, batch_size: int, max_source_len: int, max_target_len: int,
+            max_new_tokens: int, template: int = 0, shots: int = 0, seed: int = 0
+            ) -> tuple[list[str], list[str]]:
+    """(predictions, references) as text for the first ``limit`` examples of ``split`` (None:
+    every example), rendered with ``template`` and ``shots`` demonstrations
+    (:func:`eval_examples`)."""
+    examples, _ = eval_examples(data, tokenizer, task, split, limit=limit,
+                                max_source_len=max_source_len, template=template, shots=shots,
+                                seed=seed)
+    preds = predict_examples(model, data, tokenizer, task, examples, batch_size=batch_size,
+                             max_source_len=max_source_len, max_target_len=max_target_len,
+                             max_new_tokens=max_new_tokens)
     return preds, [ex.target for ex in examples]
 
 
-def evaluate(model: Any, data: TaskData, tokenizer: Tokenizer, split: str, *,
-             limit: int | None, batch_size: int, max_source_len: int, max_target_len: int,
-             max_new_tokens: int) -> dict[str, float]:
-    """``{task: metric value, ..., "average_seen": mean, "average_held_out": mean}`` over every
-    task that has ``split`` (see the module doc for ``average``). A split no task has raises,
-    naming the splits the run's tasks have."""
+def evaluate_details(model: Any, data: TaskData, tokenizer: Tokenizer, split: str, *,
+                     templates: str = "first", limit: int | None, batch_size: int,
+                     max_source_len: int, max_target_len: int, max_new_tokens: int,
+                     shots: int = 0, seed: int = 0) -> Evaluation:
+    """Every task that has ``split``, scored with its first template (``templates="first"``)
+    or each of its templates (``"all"``, T0's robustness measure, Sanh et al. 2022), with
+    ``shots`` training demonstrations per example. The main scores stay the first template's.
+    A split no task has raises, naming the splits the run's tasks have."""
+    if templates not in TEMPLATE_MODES:
+        raise ValueError(f"templates = {templates!r}; choose one of {', '.join(TEMPLATE_MODES)}")
     tasks = [t for t in data.specs if split in data.examples[t]]
     if not tasks:
         raise ValueError(f"no task of this run has a {split!r} split; splits: "
                          f"{', '.join(run_splits(data))}")
-    scores: dict[str, float] = {}
+    opts = dict(batch_size=batch_size, max_source_len=max_source_len,
+                max_target_len=max_target_len, max_new_tokens=max_new_tokens)
+    per_template: dict[str, list[float]] = {}
+    demonstrations: dict[str, float] = {}
     for task in tasks:
         spec = data.specs[task]
-        preds, refs = predict(model, data, tokenizer, task, split, limit=limit,
-                              batch_size=batch_size, max_source_len=max_source_len,
-                              max_target_len=max_target_len, max_new_tokens=max_new_tokens)
-        scores[task] = compute_metrics(spec.metric_name, preds, refs, labels=spec.labels)
-    return {**scores, **averages(scores, data)}
+        count = template_count(spec) if templates == "all" else 1
+        per_template[task] = []
+        for template in range(count):
+            examples, used = eval_examples(data, tokenizer, task, split, limit=limit,
+                                           max_source_len=max_source_len, template=template,
+                                           shots=shots, seed=seed)
+            preds = predict_examples(model, data, tokenizer, task, examples, **opts)
+            per_template[task].append(compute_metrics(
+                spec.metric_name, preds, [ex.target for ex in examples], labels=spec.labels))
+            if template == 0:
+                demonstrations[task] = float(mean(used)) if used else 0.0
+    scores = {t: values[0] for t, values in per_template.items()}
+    summary = {t: {"mean": mean(v), "min": min(v), "max": max(v), "per_template": v}
+               for t, v in per_template.items()}
+    return Evaluation({**scores, **averages(scores, data)}, summary, demonstrations)
+
+
+def evaluate(model: Any, data: TaskData, tokenizer: Tokenizer, split: str, **options: Any
+             ) -> dict[str, float]:
+    """``{task: metric value, ..., "average_seen": mean, "average_held_out": mean}`` over every
+    task that has ``split``, each task scored with its first template (see the module doc for
+    ``average``); ``options``: :func:`evaluate_details`'s (``eval_options`` gives them)."""
+    return evaluate_details(model, data, tokenizer, split, templates="first", **options).scores
 
 
 def averages(scores: dict[str, float], data: TaskData) -> dict[str, float]:
@@ -162,7 +310,9 @@ def eval_limit(cfg: RunConfig, split: str) -> int | None:
 
 
 def eval_options(cfg: RunConfig, split: str = "test") -> dict[str, Any]:
-    """The keyword arguments of :func:`evaluate` a run config sets for ``split``."""
+    """The keyword arguments of :func:`evaluate` a run config sets for ``split``: few-shot
+    (``data.eval_shots``) on the test split only, so checkpoint selection stays zero-shot."""
     return dict(limit=eval_limit(cfg, split), batch_size=max(cfg.train.batch_size, 32),
                 max_source_len=cfg.data.max_source_len, max_target_len=cfg.data.max_target_len,
-                max_new_tokens=cfg.train.generation_max_tokens)
+                max_new_tokens=cfg.train.generation_max_tokens,
+                shots=cfg.data.eval_shots if split == "test" else 0, seed=cfg.train.seed)

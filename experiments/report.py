@@ -9,7 +9,8 @@ mean of each column is bold.
 Averages: ``average_seen`` (trained tasks) and ``average_held_out`` (held-out tasks, scored
 zero-shot) are separate columns; results without them (older runs) show ``average``. Held-out
 task columns are marked ``†`` and explained in a footnote, as is the number of test examples
-scored per task (:func:`run_notes` reads both from the runs' ``summary.json``).
+scored per task (:func:`run_notes` reads both from the runs' ``summary.json``); few-shot runs
+(``data.eval_shots``) can add a footnote with the demonstrations used (:func:`evaluation_notes`).
 """
 from __future__ import annotations
 
@@ -67,6 +68,21 @@ def run_notes(summaries: list[dict[str, Any]]) -> tuple[list[str], dict[str, int
     return held, examples
 
 
+def evaluation_notes(summaries: list[dict[str, Any]]) -> list[str]:
+    """Footnotes on how the test was scored: few-shot runs (``data.eval_shots``) with the mean
+    demonstrations used per task (the length budget drops some), averaged over those runs;
+    summaries without ``shots`` (older runs) or with 0 contribute nothing."""
+    used: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for s in summaries:
+        if s.get("shots", 0) > 0:
+            for t, n in s.get("demonstrations", {}).items():
+                used[s["shots"]][t].append(n)
+    return [f"{k}-shot test (demonstrations from each task's train split; checkpoints chosen "
+            "zero-shot), mean demonstrations used: "
+            + ", ".join(f"{t} {mean(v):.1f}" for t, v in used[k].items()) + "."
+            for k in sorted(used)]
+
+
 def baseline_of(combo: str) -> str | None:
     """The single-task combination matching ``combo`` in every other grid key."""
     parts = dict(p.split("=", 1) for p in combo.split(", ") if "=" in p)
@@ -83,8 +99,10 @@ def _column_name(t: str, metric_names: dict[str, str], held_out: set[str]) -> st
 
 def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | None = None,
                    held_out: list[str] | None = None,
-                   examples: dict[str, int] | None = None) -> str:
-    """The table (module doc); ``held_out`` and ``examples`` as :func:`run_notes` gives them."""
+                   examples: dict[str, int] | None = None,
+                   notes: list[str] | None = None) -> str:
+    """The table (module doc); ``held_out`` and ``examples`` as :func:`run_notes` gives them,
+    ``notes`` (e.g. :func:`evaluation_notes`) appended as footnotes."""
     combos, tasks, cells = aggregate(rows)
     metric_names = metric_names or {}
     held = set(held_out or [])
@@ -114,7 +132,7 @@ def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | No
     lines.append("")
     lines.append(f"Mean ± std over {n_seeds} seed(s) on the test split; Δ against the single-task "
                  "baseline (sharing.strategy=none) with the same other settings; best mean in bold.")
-    lines += _footnotes([t for t in tasks if t in held], examples or {})
+    lines += _footnotes([t for t in tasks if t in held], examples or {}) + list(notes or [])
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ from polytask.experiments.build import Parts, build_parts, build_run, seed_every
 from polytask.experiments.config import RunConfig
 from polytask.losses.weighting import Weighting
 from polytask.experiments.evaluate import (check_selection_metric, eval_options, evaluate,
-                                           scored_examples)
+                                           evaluate_details, scored_examples)
 
 
 def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
@@ -295,7 +295,10 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
     if (run_dir / "best.safetensors").exists():
         load_weights(run_dir / "best.safetensors", model, parts.saved)
     options = eval_options(cfg, "test")   # every test example unless data.test_examples
-    test = evaluate(model, data, tokenizer, "test", **options)
+    # main scores: the first template (with data.eval_shots demonstrations); "all" adds the rest
+    details = evaluate_details(model, data, tokenizer, "test", templates=cfg.data.eval_templates,
+                               **options)
+    test = details.scores
     _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "test", "step": state["step"], **test})
     train_records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in train_records if r.get("event") == "train"]
@@ -305,6 +308,11 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
         "metrics": {n: s.metric_name for n, s in data.specs.items()},
         "held_out": data.held_out_tasks,
         "examples": {"test": scored_examples(data, "test", options["limit"])},
+        "eval_templates": cfg.data.eval_templates,
+        # mean/min/max over the templates scored; per_template[0] is the main score
+        "templates": details.templates,
+        "shots": cfg.data.eval_shots,
+        "demonstrations": details.demonstrations,   # mean used per example (length budget)
         "tokens_per_s": float(np.median(speeds)) if speeds else None,
         "truncation": {"truncated_source": report.truncated_source,
                        "truncated_target": report.truncated_target, "dropped": report.dropped},
