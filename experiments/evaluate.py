@@ -82,8 +82,9 @@ def demonstration_indices(data: TaskData, task: str, split: str, index: int, sho
     """Up to ``shots`` indices into ``task``'s train split, the demonstrations for example
     ``index`` of ``split``: drawn by an rng seeded with (seed, task, split, index), so the same
     on every run and template; never the scored example (the same train index, or the same
-    input and target). A task without a loaded train split (held out) gets none."""
-    pool = data.examples[task].get("train", [])
+    input and target). Held-out tasks draw from their own training split, which is never
+    trained on (:meth:`TaskData.demonstrations`); a task without one gets none."""
+    pool = data.demonstrations(task)
     if shots == 0 or not pool:
         return []
     scored = data.examples[task][split][index]
@@ -127,7 +128,7 @@ def eval_examples(data: TaskData, tokenizer: Tokenizer, task: str, split: str, *
     pool = data.examples[task].get(split)
     if not pool:
         raise ValueError(f"task {task!r} has no {split!r} split; splits: {', '.join(data.examples[task])}")
-    train = data.examples[task].get("train", [])
+    train = data.demonstrations(task)
     examples: list[Example] = []
     used: list[int] = []
     for i in range(scored_count(len(pool), limit)):

@@ -184,11 +184,15 @@ class TaskData:
 
     specs: dict[str, TaskSpec]
     examples: dict[str, dict[str, list[Example]]]
+    #: held-out tasks' training examples, read only as few-shot demonstrations (FLAN's
+    #: exemplars): never sampled for training, never in the tokenizer's corpus
+    held_out_train: dict[str, list[Example]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, specs: Sequence[TaskSpec], splits: Sequence[str] = SPLITS, *,
              root: str | Path | None = None) -> "TaskData":
-        """Load every split of every task that declares it (held-out tasks: not ``train``)."""
+        """Load every split of every task that declares it (held-out tasks: their ``train``
+        split only into :attr:`held_out_train`, for demonstrations)."""
         names = [s.name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -199,11 +203,18 @@ class TaskData:
         if untrainable:
             raise ValueError(f"task {untrainable[0]!r} has no 'train' file; give one or mark it "
                              "held_out")
-        examples = {}
+        examples, held_out_train = {}, {}
         for spec in specs:
             wanted = [sp for sp in splits if sp in spec.files and not (spec.held_out and sp == "train")]
             examples[spec.name] = {sp: load_task(spec, sp, root=root) for sp in wanted}
-        return cls({s.name: s for s in specs}, examples)
+            if spec.held_out and "train" in spec.files and "train" in splits:
+                held_out_train[spec.name] = load_task(spec, "train", root=root)
+        return cls({s.name: s for s in specs}, examples, held_out_train)
+
+    def demonstrations(self, task: str) -> list[Example]:
+        """The examples few-shot demonstrations of ``task`` are drawn from: its training split
+        (a held-out task's too, kept apart from training: FLAN's few-shot exemplars)."""
+        return self.examples[task].get("train") or self.held_out_train.get(task, [])
 
     @property
     def train_tasks(self) -> list[str]:

@@ -181,3 +181,17 @@ def test_table_footnotes_few_shot_runs(runs):
             for t, v in shots["test"].items()]
     assert report.markdown_table(rows, notes=notes).rstrip().endswith(notes[0])
     assert report.evaluation_notes([every]) == []
+
+
+def test_a_held_out_task_draws_demonstrations_from_its_own_training_split():
+    """A held-out task is never trained on, but its training split (kept apart, in
+    ``held_out_train``) supplies its few-shot demonstrations, as FLAN's exemplars do."""
+    spec = TaskSpec("echo", templates=["First {input}"], held_out=True)
+    test = [_record("echo", x, x) for x in ("p q", "r s")]
+    train = [_record("echo", x, x) for x in ("a b", "c d", "e f", "g h")]
+    data = TaskData({"echo": spec}, {"echo": {"test": test}}, {"echo": train})
+    examples, used = eval_examples(data, Words(), "echo", "test", limit=None,
+                                   max_source_len=100, shots=2, seed=0)
+    assert used == [2, 2] and "train" not in data.examples["echo"]
+    for example in examples:
+        assert sum(f"First {x} => {x}" in example.source for x in ("a b", "c d", "e f", "g h")) == 2

@@ -123,6 +123,9 @@ def test_task_data_held_out_sizes_and_caps(tmp_path):
     assert data.train_tasks == ["sentiment"] and data.held_out_tasks == ["held"]
     assert data.sizes() == {"sentiment": 2} and data.caps == {"sentiment": 1}
     assert "train" not in data.examples["held"]  # held-out tasks are never trained on
+    # ... but their training split is there for few-shot demonstrations, apart from training
+    assert [e.target for e in data.demonstrations("held")] == [r["output"] for r in RECORDS]
+    assert data.demonstrations("sentiment") == data.examples["sentiment"]["train"]
     assert data.task_index == {"sentiment": 0, "held": 1}
     assert data.get("sentiment", "train", 0).target == "yes"
     texts = list(data.corpus())
