@@ -153,12 +153,13 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
 
 
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:
-    rows, curves, summaries = [], {}, []
+    rows, curves, summaries, labelled = [], {}, [], []
     names: dict[str, str] = {}
     for name, combo, seed, cfg in runs:
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         summaries.append(summary)
         label = combo_label(combo)
+        labelled.append((label, summary))
         names.update(metric_names(summary))
         for task, value in summary["test"].items():
             rows.append({"combination": label, "seed": seed, "run": name, "task": task,
@@ -177,6 +178,10 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
     held, examples = report.run_notes(summaries)
     paths["table"].write_text(report.markdown_table(csv_rows, names, held, examples,
                                                     notes=report.evaluation_notes(summaries)))
+    templates = report.template_table(labelled)
+    if templates is not None:      # data.eval_templates: all
+        paths["templates"] = out / "table_templates.md"
+        paths["templates"].write_text(templates)
     report.plot_bars(csv_rows, paths["bars"])
     report.plot_curves(curves, paths["curves"])
     return paths

@@ -83,6 +83,35 @@ def evaluation_notes(summaries: list[dict[str, Any]]) -> list[str]:
             for k in sorted(used)]
 
 
+def template_table(runs: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """Robustness across prompt wordings (T0's measure): per combination and task, the mean over
+    seeds of the template mean, and of its min and max, as ``mean [min, max]``; ``runs`` are
+    (combination, summary) pairs. None when no run scored more than one template
+    (``data.eval_templates: all``)."""
+    spread: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    combos: list[str] = []
+    tasks: list[str] = []
+    for combo, summary in runs:
+        for task, stats in summary.get("templates", {}).items():
+            if len(stats.get("per_template", [])) > 1:
+                spread[combo, task].append(stats)
+                combos += [combo] if combo not in combos else []
+                tasks += [task] if task not in tasks else []
+    if not spread:
+        return None
+    lines = ["| setting | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for combo in combos:
+        cells = []
+        for task in tasks:
+            s = spread.get((combo, task))
+            cells.append("-" if not s else "{:.1f} [{:.1f}, {:.1f}]".format(
+                *(mean(x[k] for x in s) for k in ("mean", "min", "max"))))
+        lines.append(f"| {combo} | " + " | ".join(cells) + " |")
+    lines += ["", "Per task: the mean over its templates, and the lowest and highest template "
+              "score, each averaged over seeds (test split)."]
+    return "\n".join(lines) + "\n"
+
+
 def baseline_of(combo: str) -> str | None:
     """The single-task combination matching ``combo`` in every other grid key."""
     parts = dict(p.split("=", 1) for p in combo.split(", ") if "=" in p)

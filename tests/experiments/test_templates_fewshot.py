@@ -195,3 +195,14 @@ def test_a_held_out_task_draws_demonstrations_from_its_own_training_split():
     assert used == [2, 2] and "train" not in data.examples["echo"]
     for example in examples:
         assert sum(f"First {x} => {x}" in example.source for x in ("a b", "c d", "e f", "g h")) == 2
+
+
+def test_the_template_spread_table():
+    runs = [("a", {"templates": {"copy": {"mean": 50.0, "min": 40.0, "max": 60.0,
+                                          "per_template": [60.0, 40.0, 50.0]},
+                                 "one": {"mean": 1.0, "min": 1.0, "max": 1.0, "per_template": [1.0]}}}),
+            ("a", {"templates": {"copy": {"mean": 70.0, "min": 60.0, "max": 80.0,
+                                          "per_template": [80.0, 60.0, 70.0]}}})]
+    table = report.template_table(runs)
+    assert "| a | 60.0 [50.0, 70.0] |" in table and "one" not in table
+    assert report.template_table([("a", {"templates": {"one": runs[0][1]["templates"]["one"]}})]) is None
