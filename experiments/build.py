@@ -8,7 +8,6 @@ base's weights); :func:`build_run` rebuilds that base for a saved run after chec
 digests (:func:`verified_base`), so the caller loads the partial weights onto it."""
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from polytask.core.data.task_data import TaskData
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.data.pretrained_tokenizers import load_tokenizer
 from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
-from polytask.core.interop import from_hf
+from polytask.core.interop import from_hf, weight_files
 from polytask.core.model.transformer import EncoderDecoder
 from polytask.core.peft import describe_counts, parameter_counts, unwrap_lora
 from polytask.core.training.checkpoint import load_weights, read_json, sha256, write_json
@@ -107,11 +106,7 @@ def base_weight_files(init: str | Path) -> list[Path]:
     if init_kind(path) == "run":
         best = path / "best.safetensors"
         return [best if best.is_file() else path / "model.safetensors"]
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if index.is_file() and not single.is_file():
-        shards = json.loads(index.read_text())["weight_map"].values()
-        return [path / name for name in sorted(set(shards))]
-    return [single]
+    return weight_files(path)
 
 
 def _digests(init: str | Path) -> dict[str, str]:

@@ -36,19 +36,16 @@ from polytask.core.model.transformer import EncoderDecoder
 FAMILIES: dict[str, ModuleType] = {"t5": t5, "bart": bart}
 
 
-def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
-    config = json.loads((path / "config.json").read_text())
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors file(s) of a Hugging Face directory: ``model.safetensors``, else every
+    shard its ``model.safetensors.index.json`` names. A directory with only a pickled
+    ``pytorch_model.bin`` is refused (it is never loaded: unpickling can run code)."""
+    path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single)), config
+        return [single]
     if index.is_file():
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(path / shard)))
-        return state, config
+        return [path / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if any((path / name).exists() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ValueError(
             f"{path} holds only pytorch_model.bin, a pickle, which polytask never loads (it can "
@@ -56,6 +53,17 @@ def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             "AutoModelForSeq2SeqLM; AutoModelForSeq2SeqLM.from_pretrained(DIR)"
             ".save_pretrained(DIR, safe_serialization=True)`")
     raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``config.json`` and the tensors of :func:`weight_files`."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
+    config = json.loads((path / "config.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        state.update(load_file(str(file)))
+    return state, config
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -189,4 +197,4 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
     return bart.model_config(hf, tied=tied)
 
 
-__all__ = ["from_hf", "hf_config", "hf_model_config", "read_source", "FAMILIES"]
+__all__ = ["from_hf", "hf_config", "hf_model_config", "read_source", "weight_files", "FAMILIES"]
