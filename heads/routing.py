@@ -92,14 +92,16 @@ class RoutedLayer:
         return out
 
 
-def _per_row_bias(table: SlotTable, row_embed: torch.Tensor,
+def _per_row_bias(table: SlotTable, row_embed: torch.Tensor, prepared: torch.Tensor | None,
                   bias_of: Callable[[EncoderDecoder], torch.Tensor | None]) -> torch.Tensor | None:
-    """The position bias of each row's embedding group: ``(1, h, i, j)`` when one group holds
-    every row, else ``(b, h, i, j)`` (each group's table is its own parameter)."""
+    """The position bias of each row's embedding group. ``prepared`` is the bias the stack's
+    ``prepare`` computed with group ``row_embed[0]``'s modules: kept as it is, ``(1, h, i, j)``,
+    when one group holds every row (or there is no bias); else ``(b, h, i, j)`` (each group's
+    table is its own parameter)."""
     groups = torch.unique(row_embed).tolist()
+    if prepared is None or len(groups) == 1:
+        return prepared
     biases = {e: bias_of(table.group_view("embedding", e)) for e in groups}
-    if len(groups) == 1 or biases[groups[0]] is None:
-        return biases[groups[0]]
     return route(row_embed, lambda e, rows: biases[e].expand(len(rows), -1, -1, -1))
 
 
@@ -130,7 +132,8 @@ def encode_mixed(table: SlotTable, src: torch.Tensor, src_mask: torch.Tensor,
     # masks and rope are the same for every group; the position bias is each group's own
     s = src.shape[1]
     p = table.group_view("embedding", int(row_embed[0])).encoder.prepare(src_mask)
-    p.position_bias = _per_row_bias(table, row_embed, lambda v: v.encoder.bias_and_rope(s, s)[0])
+    p.position_bias = _per_row_bias(table, row_embed, p.position_bias,
+                                    lambda v: v.encoder.bias_and_rope(s, s)[0])
     layers = [RoutedLayer(table, f"encoder.{i}", row_task, record)
               for i in range(table.config.n_encoder_layers)]
     x = run_layers(x, layers, p.layer_args())
@@ -151,7 +154,8 @@ def decode_mixed(table: SlotTable, tgt_in: torch.Tensor, tgt_mask: torch.Tensor,
     y = route(row_embed, embed)
     t = tgt_in.shape[1]
     p = table.group_view("embedding", int(row_embed[0])).decoder.prepare(tgt_mask, src_mask)
-    p.position_bias = _per_row_bias(table, row_embed, lambda v: v.decoder.bias_and_rope(t, t)[0])
+    p.position_bias = _per_row_bias(table, row_embed, p.position_bias,
+                                    lambda v: v.decoder.bias_and_rope(t, t)[0])
     layers = [RoutedLayer(table, f"decoder.{i}", row_task)
               for i in range(table.config.n_decoder_layers)]
     y = run_layers(y, layers, p.layer_args(memory))
