@@ -12,6 +12,8 @@ Timings are never asserted in tests; figures are recorded in docs/benchmarks.md.
 from __future__ import annotations
 
 import importlib
+import json
+from typing import Any
 
 SUBCOMMANDS = {
     "attention": "polytask.experiments.bench.attention",
@@ -20,6 +22,15 @@ SUBCOMMANDS = {
     "triton": "polytask.experiments.bench.triton_gpu",
     "memory": "polytask.experiments.bench.memory",
 }
+
+
+def emit(result: dict[str, Any], table: str, json_path: str | None) -> dict[str, Any]:
+    """Print a benchmark's table and, with ``--json PATH``, write its result there."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ The row ``polytask (no cache)`` is the slow twin (``use_cache=False``) at the sh
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -30,6 +29,7 @@ import torch
 
 from polytask.core.accelerate import accelerated
 from polytask.core.decoding.generation import generate
+from polytask.experiments.bench import emit
 from polytask.experiments.bench.attention import round_robin
 from polytask.experiments.bench.flops import CLOCKS
 from polytask.experiments.bench.peers import SIZES, Size, build_all
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                  if getattr(args, k) is not None}
     result = run(replace(SIZES[args.size], **overrides), args.lengths, repeats=args.repeats,
                  include_hf=not args.no_hf)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +51,7 @@ from polytask.core.data.batch import IGNORE_INDEX, Batch
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.config import ModelConfig
 from polytask.core.training.optim import make_optimizer
+from polytask.experiments.bench import emit
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.train import state_bytes
 from polytask.heads import build_model
@@ -211,11 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = Size(**{k: getattr(args, k) for k in ("d_model", "layers", "d_ff", "vocab", "heads",
                                                  "batch", "length", "tasks")})
     result = run(size, args.weightings)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 from dataclasses import asdict, replace
 
@@ -38,6 +37,7 @@ import torch
 
 from polytask.core.accelerate import accelerated
 from polytask.core.training.optim import make_optimizer
+from polytask.experiments.bench import emit
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.flops import CLOCKS, matmul_peak, onednn_matmul_peak, step_flops
 from polytask.experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(sized(args), args.models, warmup=args.warmup, rounds=args.rounds,
                  steps=args.steps, peer_optimizer=args.peer_optimizer, memory=not args.no_memory,
                  clock=args.clock)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return result
+    return emit(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":
