@@ -103,12 +103,9 @@ class MultiTaskModel(nn.Module):
                 raise RuntimeError(f"view of task {name!r} has parameters outside every plan "
                                    f"slot: {loose}; polytask.heads.model must map them to a slot")
 
-    # --- plan lookups (used by polytask.heads.routing) ------------------------------------------------
+    # --- plan lookups (the SlotTable that polytask.heads.routing reads) ------------------
     def module(self, slot: str, k: int) -> nn.Module:
         return self.slots[slot.replace(".", "_")][k]
-
-    def plan_task(self, slot: str, k: int) -> str:
-        return self._first[slot][k]
 
     def group_view(self, slot: str, k: int) -> EncoderDecoder:
         """A view holding group ``k``'s module at ``slot`` (that of the group's first task)."""
