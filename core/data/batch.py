@@ -41,6 +41,19 @@ class Batch:
         """The sub-batch of the given row indices (or boolean row mask)."""
         return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
+    def trimmed(self) -> "Batch":
+        """The same rows without the trailing columns that are padding in every row (a sub-batch
+        of one task is often shorter than the mixed batch it came from). Padding is on the right
+        and masked everywhere, so the model computes the same values on the real tokens."""
+        def width(*masks: torch.Tensor) -> int:
+            used = torch.stack([m.any(dim=0) for m in masks]).any(dim=0).nonzero()
+            return int(used.max()) + 1 if len(used) else 1
+        s = width(self.src_mask)
+        t = width(self.tgt_mask, self.labels != IGNORE_INDEX)
+        return replace(self, src=self.src[:, :s], src_mask=self.src_mask[:, :s],
+                       tgt_in=self.tgt_in[:, :t], tgt_mask=self.tgt_mask[:, :t],
+                       labels=self.labels[:, :t])
+
     def __len__(self) -> int:
         return self.src.shape[0]
 

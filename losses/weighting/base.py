@@ -42,6 +42,7 @@ weights, FAMO's logits, DWA's loss history) keep their state in buffers, so it i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -167,3 +168,92 @@ def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float | Tensor]) 
     for term in terms[1:]:
         total = total + term
     return total
+
+
+@dataclass
+class TaskGradients:
+    """The per-task gradients of one step on the shared parameters, however they were formed
+    (the joint graph's k ``autograd.grad`` calls, :func:`task_gradients`; or one pass over
+    disjoint per-task graphs, :mod:`polytask.losses.weighting.engine`).
+
+    ``names``: the present tasks, in run order (k of them). ``matrix``: ``(k, P)``, row i the
+    gradient of task ``names[i]``'s loss on ``params`` (flattened, concatenated in order), after
+    the weighting's ``gradient_reducer``. ``losses``: ``(k,)`` the detached task losses.
+    ``last_shared``: the parameters of the last shared layer (GradNorm's W; a subset of
+    ``params``, see :meth:`columns`), None for ``params[-1:]``.
+    """
+
+    names: list[str]
+    matrix: Tensor
+    params: list[Tensor]
+    losses: Tensor
+    last_shared: list[Tensor] | None = None
+
+    def gramian(self) -> Tensor:
+        """``G_ij = <g_i, g_j>``, ``(k, k)``, returned in float64 (computed in the gradients'
+        dtype: converting a float32 ``(k, P)`` matrix first would cost more than the product)."""
+        return (self.matrix @ self.matrix.T).double()
+
+    def columns(self, subset: Sequence[Tensor]) -> Tensor:
+        """The ``(k, P_subset)`` block of ``matrix`` for some of ``params`` (e.g. GradNorm's last
+        shared layer), concatenated in ``subset``'s order."""
+        offsets, start = {}, 0
+        for p in self.params:
+            offsets[id(p)] = (start, p.numel())
+            start += p.numel()
+        missing = [i for i, p in enumerate(subset) if id(p) not in offsets]
+        if missing:
+            raise ValueError(f"parameter {missing[0]} of the subset is not among the "
+                             f"{len(self.params)} parameters the task gradients were taken on")
+        return torch.cat([self.matrix[:, offsets[id(p)][0]:sum(offsets[id(p)])] for p in subset],
+                         dim=1)
+
+
+class GradientWeighting(Weighting):
+    """Base of the methods that act on per-task gradients of the shared parameters.
+
+    A subclass implements :meth:`combine` — ``TaskGradients -> (update (P,), weights (k,))`` —
+    or, when its update is a combination ``sum_i c_i g_i`` fixed by the Gramian alone (MGDA,
+    CAGrad, IMTL-G, Nash-MTL, Aligned-MTL, UPGrad ...), just :meth:`coefficients`. The
+    ``update`` replaces the plain sum on the shared parameters; every other trainable parameter
+    (task heads, private layers) and the ``extra`` terms get ``sum_i w_i grad L_i`` with the
+    returned ``weights`` (1 for methods that only project, such as PCGrad; the coefficients for
+    MGDA and Nash-MTL, as in the authors' code, which backpropagates the weighted loss).
+
+    :meth:`backward` is the reference path: the gradients come from ``k`` ``autograd.grad``
+    calls on the joint graph. The training loop instead calls :meth:`combine` with gradients from
+    one pass over per-task graphs (:func:`polytask.losses.weighting.engine.split_backward`) when
+    the batch allows it; both give the same update.
+    """
+
+    def combine(self, grads: TaskGradients) -> tuple[Tensor, Tensor]:
+        """``(update (P,), weights (k,))`` for the present tasks ``grads.names``."""
+        c = self.coefficients(grads.gramian(), grads.losses, grads.names)
+        return c.to(grads.matrix) @ grads.matrix, c
+
+    def coefficients(self, gramian: Tensor, losses: Tensor, names: list[str]) -> Tensor:
+        """``(k,)`` coefficients c of the update ``sum_i c_i g_i`` from the ``(k, k)`` float64
+        Gramian and the ``(k,)`` losses of the present tasks ``names``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement combine() or "
+                                  "coefficients()")
+
+    def backward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter], *,
+                 extra: Tensor | None = None,
+                 last_shared: Sequence[nn.Parameter] | None = None) -> dict[str, float]:
+        present = self.present(losses)
+        if not present:
+            run_backward(None, extra)
+            return {}
+        losses = {n: losses[n] for n in present}
+        shared = [p for p in shared_params if p.requires_grad]
+        grads = task_gradients(losses, shared, reduce=self.gradient_reducer)
+        matrix = torch.stack([grads[n] for n in present])
+        detached = torch.stack([losses[n].detach().double() for n in present])
+        last = [p for p in last_shared if p.requires_grad] if last_shared is not None else None
+        update, weights = self.combine(TaskGradients(present, matrix, shared, detached, last))
+        used = {n: float(w) for n, w in zip(present, weights)}
+        # One backward of sum_i w_i L_i gives private parameters (and extra) their gradients;
+        # on the shared ones, swap sum_i w_i g_i for the method's update.
+        run_backward(weighted_sum(losses, used), extra)
+        add_flat_grad(shared, update - weights.to(matrix) @ matrix)
+        return used
