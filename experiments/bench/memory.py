@@ -135,8 +135,10 @@ def measure(method: str, size: Size, seed: int = 0) -> dict:
         with accelerated(model):
             output = model(batch)
             result = objective(model, output, batch)
+            representation = ({"representation": output.shared}   # mgda_ub
+                              if getattr(weighting, "uses_representation", False) else {})
             weighting.backward(result.task_losses, shared, extra=result.extra_total(),
-                               last_shared=last_shared)
+                               last_shared=last_shared, **representation)
         torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], GRAD_CLIP)
         optimizer.step()
 

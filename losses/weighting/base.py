@@ -257,3 +257,21 @@ class GradientWeighting(Weighting):
         run_backward(weighted_sum(losses, used), extra)
         add_flat_grad(shared, update - weights.to(matrix) @ matrix)
         return used
+
+
+class Seeded:
+    """Mixin for a weighting that draws random numbers (PCGrad's order, GradDrop's masks, RLW's
+    weights): ``self.generator``, seeded by :meth:`seed_generator`, whose state is the module's
+    extra state, so it is saved in the ``state_dict`` and a resumed run continues the same
+    sequence."""
+
+    generator: torch.Generator
+
+    def seed_generator(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])

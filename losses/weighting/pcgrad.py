@@ -8,7 +8,8 @@ component:
     g_i^PC <- g_i^PC - (g_i^PC . g_j) / ||g_j||^2 * g_j
 
 The shared parameters receive sum_i g_i^PC; every other parameter (task heads, private
-layers) the plain sum of task gradients; ``extra`` terms are added unprojected everywhere.
+layers) the plain sum of task gradients (weights 1); ``extra`` terms are added unprojected
+everywhere (:class:`~polytask.losses.weighting.base.GradientWeighting`).
 The random order comes from a ``torch.Generator`` seeded by ``seed``; its state is part of
 the module's ``state_dict`` (extra state) so a resumed run continues the same sequence.
 """
@@ -17,11 +18,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from polytask.losses.registry import register_weighting
-from polytask.losses.weighting.base import (GradientReducer, Weighting, add_flat_grad, run_backward,
-                                            task_gradients, weighted_sum)
+from polytask.losses.weighting.base import (GradientReducer, GradientWeighting, Seeded,
+                                            TaskGradients)
 
 
 def project_conflicting(grads: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -38,7 +39,7 @@ def project_conflicting(grads: Tensor, generator: torch.Generator | None = None)
 
 
 @register_weighting("pcgrad")
-class PCGrad(Weighting):
+class PCGrad(Seeded, GradientWeighting):
     """Args:
         task_names: every task of the run.
         seed: seed of the generator that orders the projections.
@@ -49,29 +50,9 @@ class PCGrad(Weighting):
     def __init__(self, task_names: Sequence[str], seed: int = 0, *,
                  gradient_reducer: GradientReducer | None = None) -> None:
         super().__init__(task_names, gradient_reducer=gradient_reducer)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed_generator(seed)
 
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def backward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter], *,
-                 extra: Tensor | None = None,
-                 last_shared: Sequence[nn.Parameter] | None = None) -> dict[str, float]:
-        present = self.present(losses)
-        if not present:
-            run_backward(None, extra)
-            return {}
-        losses = {n: losses[n] for n in present}
-        shared = [p for p in shared_params if p.requires_grad]
-        grads = task_gradients(losses, shared, reduce=self.gradient_reducer)      # name -> (P,)
-        stacked = torch.stack([grads[n] for n in present])                  # (k, P)
-        surgery = project_conflicting(stacked, self.generator)
-        # One backward of the plain sum gives private parameters (and extra) their gradients;
-        # on the shared ones, swap the plain sum for the projected one.
-        used = {n: 1.0 for n in present}
-        run_backward(weighted_sum(losses, used), extra)
-        add_flat_grad(shared, surgery - stacked.sum(dim=0))
-        return used
+    def combine(self, grads: TaskGradients) -> tuple[Tensor, Tensor]:
+        """The projected sum on the shared parameters; weight 1 for every task elsewhere."""
+        weights = torch.ones(len(grads.names), dtype=torch.float64, device=grads.matrix.device)
+        return project_conflicting(grads.matrix, self.generator), weights
