@@ -26,10 +26,20 @@ values over odd shapes and strided caches; the kernels never run with autograd, 
 no gradients to compare). Nothing here changes what is computed, only the order of the sums.
 
 Building needs a C++ compiler and ninja (the ``[native]`` extra); it takes ~30 s once per
-machine, cached by PyTorch in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-under a name that hashes the source, the flags and the CPU, so a cache shared between machines
-never runs code built for another CPU. When the build fails (no compiler), a warning names the
-reason and everything runs PyTorch's kernels, as it does with ``POLYTASK_NATIVE=0``.
+machine, cached in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name
+that hashes the source, the flags, torch, Python and the CPU, so a cache shared between machines
+never runs code built for another CPU, and the source file's path, so two checkouts on one
+machine never rebuild each other's kernels. When the build fails (no compiler), a warning names
+the reason and everything runs PyTorch's kernels, as it does with ``POLYTASK_NATIVE=0``.
+
+One build at a time: PyTorch guards a build with a ``lock`` file in the build directory, which
+a killed build leaves behind, and every later load then waits for it forever. So a process
+first takes an ``flock`` on ``NAME.lock`` next to the build directory (:func:`build_lock`); the
+kernel drops it when its holder dies, so it cannot go stale, and whoever holds it knows that a
+``lock`` file found in the build directory belongs to a dead build, whose directory it removes
+to start the build over. A process that waits says
+so on stderr, and gives up after ``POLYTASK_NATIVE_BUILD_TIMEOUT`` seconds (default 600),
+warning and running PyTorch's kernels.
 """
 from __future__ import annotations
 
@@ -39,9 +49,16 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:   # not POSIX (Windows): PyTorch's own guard alone
+    fcntl = None
 
 import torch
 
@@ -54,6 +71,10 @@ SOURCE = Path(__file__).with_name("native.cpp")
 #: the benchmark machine, data flushed from cache, 64 rows: 256² 60 against oneDNN's 119 µs,
 #: 1024x256 203 against 270 µs; hot, 39 against 53 and 152 against 169 µs
 MAX_ROWS = 64
+
+#: how long a process waits for another one's build before running PyTorch's kernels
+BUILD_TIMEOUT_ENV = "POLYTASK_NATIVE_BUILD_TIMEOUT"
+DEFAULT_BUILD_TIMEOUT = 600.0
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}   # "module": the loaded extension or None once tried
@@ -95,26 +116,126 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def extension_name(cflags: list[str], source: Path = SOURCE) -> str:
+    """The extension's cache name: a hash of what its binary depends on (the source, the flags,
+    torch, Python, the CPU) and of the source's resolved path, so that each checkout on a
+    machine has its own build (their sources may differ; under one name each would rebuild
+    over the other's)."""
+    parts = [source.read_text(), " ".join(cflags), torch.__version__, sys.version,
+             _cpu_fingerprint(), str(source.resolve())]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    return f"polytask_native_{digest}"
+
+
+def build_root() -> Path:
+    """Where extensions are built: ``TORCH_EXTENSIONS_DIR``, else PyTorch's per-user cache."""
+    from torch.utils import cpp_extension
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+
+
+def build_timeout() -> float:
+    """Seconds to wait for another process's build: ``POLYTASK_NATIVE_BUILD_TIMEOUT``."""
+    raw = os.environ.get(BUILD_TIMEOUT_ENV, str(DEFAULT_BUILD_TIMEOUT))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise ValueError(f"{BUILD_TIMEOUT_ENV}={raw!r}: expected a number of seconds >= 0 "
+                         f"(default {DEFAULT_BUILD_TIMEOUT:g})")
+    return seconds
+
+
+@contextmanager
+def build_lock(build_dir: Path, timeout: float, poll: float = 0.2) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build_dir`` + ``.lock`` while building and loading.
+
+    The kernel releases a flock when its holder dies, however it dies, so this lock never goes
+    stale, and while we hold it no other process of ours is building here: a PyTorch ``lock``
+    file found in ``build_dir`` was left by a killed build, and is removed with that build's
+    half-written outputs. Waits at most ``timeout`` seconds, saying so once on stderr, then
+    raises ``TimeoutError``. The lock file stays (removing it would let a waiter lock a file
+    that no longer has a name); it holds the pid of the process that last held it."""
+    if fcntl is None:
+        yield
+        return
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = build_dir.with_name(build_dir.name + ".lock")
+    with open(path, "a+") as f:
+        _wait_for_lock(f, build_dir, timeout, poll)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _remove_dead_build(build_dir)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_for_lock(f: IO[str], build_dir: Path, timeout: float, poll: float) -> None:
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        if not waited:
+            print(f"polytask: waiting for the native-kernel build in {build_dir} (pid {holder}) "
+                  f"...", file=sys.stderr, flush=True)
+            waited = True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"waited {timeout:g} s for the native-kernel build in {build_dir} "
+                               f"(pid {holder}); set {BUILD_TIMEOUT_ENV} to wait longer")
+        time.sleep(min(poll, left))
+
+
+def _remove_dead_build(build_dir: Path) -> None:
+    """PyTorch's baton (``build_dir/lock``) while we hold the flock: its build was killed."""
+    if (build_dir / "lock").exists():
+        print(f"polytask: removing the native-kernel build of a killed process in {build_dir}",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(build_dir)
+
+
+def _cflags() -> list[str]:
+    return ["-O3", "-fopenmp", *_arch_flags()]
+
+
+def build_directory() -> Path:
+    """This checkout's build directory; its lock file is the sibling ``NAME.lock``."""
+    return build_root() / extension_name(_cflags())
+
+
 def _build():
     from torch.utils import cpp_extension
     _ninja_on_path()
-    cflags = ["-O3", "-fopenmp", *_arch_flags()]
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cflags), torch.__version__,
-                                       _cpu_fingerprint()]).encode()).hexdigest()[:12]
-    name = f"polytask_native_{digest}"
-    build_dir = getattr(cpp_extension, "_get_build_directory", None)   # private: may go away
-    if build_dir is None or not (Path(build_dir(name, False)) / f"{name}.so").exists():
-        print(f"polytask: building native CPU kernels ({name}; once per machine, ~30 s)",
-              file=sys.stderr, flush=True)
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags,
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    cflags = _cflags()
+    name = extension_name(cflags)
+    build_dir = build_root() / name
+    with build_lock(build_dir, build_timeout()):
+        if not (build_dir / f"{name}.so").exists():
+            print(f"polytask: building native CPU kernels ({name}; once per machine, ~30 s)",
+                  file=sys.stderr, flush=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=cflags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                                  verbose=False)
 
 
 def kernels():
-    """The built extension, or None when disabled or the build failed (warned once)."""
+    """The built extension, or None when disabled, the build failed or another process's build
+    did not finish within :func:`build_timeout` (warned once)."""
     if not enabled():
         return None
     if "module" not in _state:
+        build_timeout()   # a malformed setting is the user's error, not a failed build
         with _lock:
             if "module" not in _state:
                 try:

@@ -16,22 +16,38 @@ threads (default: the machine's cores divided among the jobs). Small models gain
 cores, two 1-thread runs of the ``quick`` config finish in 19 s where two 2-thread runs one
 after the other take 42 s (kernels of a d_model-64 model are too small to use two threads
 well). A run's numbers depend on its thread count (reduction order), not on ``jobs``.
+
+No run outlives the ablation. Each worker asks Linux to kill it when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``), so a ``kill -9`` of ``polytask ablate`` takes its workers along
+(on other systems it does not); SIGINT (Ctrl-C) and SIGTERM stop the workers and exit with one
+line (status 128 + the signal). The killed runs resume from their
+last intact checkpoint next time; a run killed before its first checkpoint has nothing to
+resume, so its directory is moved aside to ``NAME.interrupted-<time>`` (never deleted) and the
+run starts afresh.
 """
 from __future__ import annotations
 
 import csv
+import ctypes
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
+from tqdm import tqdm
 
 from polytask.core.training.checkpoint import latest_checkpoint
+from polytask.core.training.lock import LOCK as RUN_LOCK, hold as hold_run_dir
 from polytask.experiments import report
 from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
 from polytask.experiments.runs import metric_names, train_run
@@ -96,7 +112,7 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str
 def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
            progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict[str, Path]:
     """Run (or resume) every run of the ablation, then write the reports; see the module
-    docstring for ``jobs`` and ``threads``."""
+    docstring for ``jobs``, ``threads`` and interruptions."""
     if jobs < 1 or (threads is not None and threads < 1):
         raise ValueError(f"jobs ({jobs}) and threads ({threads}) must be positive")
     runs = plan(path, overrides)
@@ -109,17 +125,108 @@ def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = 
             print(f"[{i + 1}/{len(runs)}] {name}: complete, skipped")
             continue
         resume = latest_checkpoint(run_dir) is not None
+        if not resume and _holds_files(run_dir):
+            aside = _move_aside(run_dir)
+            print(f"[{i + 1}/{len(runs)}] {name}: interrupted before its first intact checkpoint; "
+                  f"its files moved to {aside.name}, starting afresh")
         todo.append((i, name, cfg, run_dir, resume))
-    if jobs == 1:
-        for i, name, cfg, run_dir, resume in todo:
-            print(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if resume else 'training'}")
-            train_run(cfg, run_dir, resume=resume, progress=progress)
-    elif todo:
-        _run_parallel(todo, len(runs), jobs, threads or max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        with _signals_interrupt():
+            if jobs == 1:
+                for i, name, cfg, run_dir, resume in todo:
+                    print(f"[{i + 1}/{len(runs)}] {name}: {'resuming' if resume else 'training'}")
+                    train_run(cfg, run_dir, resume=resume, progress=progress)
+            elif todo:
+                _run_parallel(todo, len(runs), jobs,
+                              threads or max(1, (os.cpu_count() or 1) // jobs))
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"polytask: ablation interrupted by {signal.Signals(signum).name}: runs in progress "
+              f"stopped, finished runs and checkpoints kept in {out}; run the same command again "
+              f"to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
     return write_reports(out, runs)
 
 
-def _init_worker(threads: int) -> None:
+def _holds_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything of a run (its lock file alone is nothing)."""
+    return run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir())
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Rename a run directory that holds no resumable work (files of a run killed before its
+    first intact checkpoint, which a fresh run would refuse to mix with) to
+    ``NAME.interrupted-<time>``; the files are kept for whoever wants to look at them. Under
+    the run directory's lock: one that some process still writes is refused, naming it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.interrupted-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.interrupted-{stamp}-{n}")
+    with hold_run_dir(run_dir, "polytask ablate"):
+        run_dir.rename(aside)
+    return aside
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the ablation; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`_Interrupted` in the main thread, so that the code
+    unwinding from it can stop the workers (SIGTERM's default would kill this process alone).
+    The first signal disarms both: a second Ctrl-C cannot cut the clean-up short. Outside the
+    main thread Python cannot set handlers; the defaults stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise _Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, however it dies (a ``kill -9``
+    runs no clean-up of the parent's). The parent may have died before the request took
+    effect: then it is no longer our parent, and we leave at once. Other systems have no such
+    request: there a worker outlives a killed parent (the pool's pipes stay open, as the other
+    workers hold them too)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
+    # Ctrl-C reaches every process of the terminal's group: the parent alone decides, and
+    # stops the workers (a KeyboardInterrupt here would print a traceback per worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a named semaphore, which a worker stopped by a signal leaks (the
+    # resource tracker then warns); a worker shows no progress bars, a thread lock will do.
+    tqdm.set_lock(threading.RLock())
     import torch
     torch.set_num_threads(threads)
 
@@ -130,16 +237,53 @@ def _train_quietly(cfg: RunConfig, run_dir: Path, resume: bool) -> float:
     return time.perf_counter() - start
 
 
+@contextmanager
+def _worker_pool(jobs: int, threads: int) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``jobs`` spawned workers (no state shared with this process). Leaving it
+    normally, or by a failed run, waits for the runs in progress; leaving it by an interrupt
+    (KeyboardInterrupt, a signal, SystemExit) stops the workers first, since waiting for them
+    would mean finishing their runs."""
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads, os.getpid()))
+    done = False
+    try:
+        try:
+            yield pool
+        except Exception:
+            pool.shutdown(wait=True, cancel_futures=True)
+            done = True
+            raise
+        pool.shutdown(wait=True)
+        done = True
+    finally:
+        if not done:
+            _stop(set(multiprocessing.active_children()) - before)
+            pool.shutdown(wait=True, cancel_futures=True)   # prompt now: nobody is working
+
+
+def _stop(workers: set, grace: float = 5.0) -> None:
+    """SIGTERM the workers, then SIGKILL those still alive after ``grace`` seconds. Waits on
+    their sentinels rather than joining them, which would race the pool's own reaping."""
+    for worker in workers:
+        worker.terminate()
+    alive = {worker.sentinel: worker for worker in workers}
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        for ended in multiprocessing.connection.wait(list(alive), deadline - time.monotonic()):
+            alive.pop(ended)
+    for worker in alive.values():
+        worker.kill()
+
+
 def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
-    """Train the runs of ``todo`` in ``jobs`` worker processes (spawned: no state shared with
-    this one). A failed run stops the ablation with its name; finished runs stay finished."""
-    print(f"training {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+    """Train the runs of ``todo`` in ``jobs`` worker processes. A failed run stops the
+    ablation with its name; finished runs stay finished."""
+    print(f"training {len(todo)} runs, {jobs} at a time, {threads} thread(s) each", flush=True)
+    with _worker_pool(jobs, threads) as pool:
         futures = {}
         for i, name, cfg, run_dir, resume in todo:
-            print(f"[{i + 1}/{total}] {name}: {'resuming' if resume else 'training'}")
+            print(f"[{i + 1}/{total}] {name}: {'resuming' if resume else 'training'}", flush=True)
             futures[pool.submit(_train_quietly, cfg, run_dir, resume)] = (i, name)
         for future in as_completed(futures):
             i, name = futures[future]
@@ -148,8 +292,10 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
             except Exception as err:
                 for other in futures:
                     other.cancel()
-                raise RuntimeError(f"run {name} failed: {err}") from err
-            print(f"[{i + 1}/{total}] {name}: done in {seconds:.0f} s")
+                # a user error in a run (bad data, damaged file ...) stays a user error (exit 2)
+                user = isinstance(err, (ValueError, OSError, KeyError, FloatingPointError))
+                raise (ValueError if user else RuntimeError)(f"run {name} failed: {err}") from err
+            print(f"[{i + 1}/{total}] {name}: done in {seconds:.0f} s", flush=True)
 
 
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:

@@ -12,6 +12,7 @@ import random
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
 from polytask.core.interop import from_hf, weight_files
 from polytask.core.model.transformer import EncoderDecoder
 from polytask.core.peft import describe_counts, parameter_counts, unwrap_lora
-from polytask.core.training.checkpoint import load_weights, read_json, sha256, write_json
+from polytask.core.training.checkpoint import (atomic_write, load_weights, read_json,
+                                               record_files, sha256, unverified_note,
+                                               verify_file, verify_listed, write_json)
 from polytask.core.training import distributed
 from polytask.core.training.optim import lr_lambda, make_optimizer
 from polytask.experiments.adapt import adapt, weight_names
@@ -60,11 +63,19 @@ def resolve_tasks(cfg: RunConfig) -> list[TaskSpec]:
 
 def load_run_tokenizer(run_dir: Path) -> TextTokenizer:
     """A run's tokenizer: ``tokenizer.model`` (trained on the run's tasks) or ``tokenizer/``
-    (a pretrained checkpoint's, copied there by :func:`build_run`)."""
-    if (run_dir / "tokenizer.model").is_file():
-        return Tokenizer.load(run_dir / "tokenizer.model")
+    (a pretrained checkpoint's, copied there by :func:`build_run`), checked against the run's
+    manifest first: a damaged file is named, never loaded."""
+    path = run_dir / "tokenizer.model"
+    if path.is_file():
+        verify_file(path)
+        try:
+            return Tokenizer.load(path)
+        except ValueError as err:   # the tokenizer's own message may not name the file
+            raise ValueError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
     if (run_dir / "tokenizer").is_dir():
+        verify_listed(run_dir, "tokenizer/")
         return load_tokenizer(run_dir / "tokenizer")
+    verify_file(path)   # listed in the manifest: "missing"
     raise ValueError(f"{run_dir}: no tokenizer.model and no tokenizer/ directory")
 
 
@@ -118,7 +129,8 @@ def record_base(init: str, run_dir: Path) -> None:
     """Write ``run_dir/base.json``: the ``init:`` checkpoint as given and as an absolute path,
     its kind (``hf`` or ``run``) and the SHA-256 of each of its weights files."""
     write_json(run_dir / BASE_MANIFEST, {"init": init, "path": str(Path(init).resolve()),
-                                         "kind": init_kind(init), "sha256": _digests(init)})
+                                         "kind": init_kind(init), "sha256": _digests(init)},
+               track=True)
 
 
 def verified_base(run_dir: Path) -> str:
@@ -180,12 +192,17 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
         if cfg.init is None:
             tokenizer = Tokenizer.train(tokenizer_corpus(data), cfg.data.vocab_size,
                                         model_type=cfg.data.tokenizer)
-            tokenizer.save(run_dir / "tokenizer.model")
+            atomic_write(run_dir / "tokenizer.model", tokenizer.save, track=True)
         else:
             if not cfg.train.save_base:
                 record_base(cfg.init, run_dir)
             tokenizer = init_tokenizer(cfg.init)
-            tokenizer.save(run_dir / "tokenizer")
+            if isinstance(tokenizer, Tokenizer):   # a polytask run's: its one .model file
+                atomic_write(run_dir / "tokenizer.model", tokenizer.save, track=True)
+            else:                                  # a pretrained one's directory
+                tokenizer.save(run_dir / "tokenizer")
+                record_files(run_dir, [f"tokenizer/{p.name}" for p in
+                                       sorted((run_dir / "tokenizer").iterdir()) if p.is_file()])
     distributed.barrier()
     if not (fresh_tokenizer and rank == 0):
         tokenizer = load_run_tokenizer(run_dir)
@@ -194,9 +211,17 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
                             bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     else:
         model_cfg = cfg.model       # the checkpoint's (experiments.config.init_model_config)
+    model_cfg.check_memory(copies=len(specs), dtype=cfg.train.dtype)   # before building it
     pretrained = None
     if cfg.init is not None and (fresh_tokenizer or not cfg.train.save_base):
-        pretrained = init_backbone(cfg.init if fresh_tokenizer else verified_base(run_dir))
+        init = cfg.init if fresh_tokenizer else verified_base(run_dir)
+        if init_kind(init) == "run":   # its files are checked as they are read, and a lost
+            if not (Path(init) / "best.safetensors").is_file():   # best is not its last weights
+                verify_file(Path(init) / "best.safetensors")
+            note = unverified_note(init) if rank == 0 else None
+            if note:
+                print(f"polytask: note: init: {note}", file=sys.stderr, flush=True)
+        pretrained = init_backbone(init)
         _check_init(cfg, pretrained, tokenizer)
     seed_everything(cfg.train.seed)
     model = build_model(model_cfg, specs, cfg.sharing, pretrained=pretrained).to(
@@ -225,6 +250,25 @@ class Parts:
     saved: list[str] | None                # what the weight files hold (None: every tensor)
 
 
+def _weighting_options(cfg: RunConfig, specs: list[TaskSpec], names: list[str]
+                       ) -> dict[str, Any]:
+    """``weighting.options``, with the task specs' ``weight`` as the static weights (an entry of
+    ``weighting.options.weights`` wins). Any other method chooses the weights itself, so a task
+    weight other than 1 is refused there rather than ignored."""
+    options = dict(cfg.weighting.options)
+    given = {s.name: s.weight for s in specs if s.name in names and s.weight != 1.0}
+    if not given:
+        return options
+    if cfg.weighting.method != "static":
+        name, weight = next(iter(given.items()))
+        raise ValueError(f"tasks[{name}].weight = {weight} applies with weighting.method: static "
+                         f"only; {cfg.weighting.method!r} chooses the task weights itself "
+                         f"(remove the weight, or use static)")
+    weights = options.get("weights") or {}
+    options["weights"] = {**given, **(weights if isinstance(weights, dict) else {})}
+    return options
+
+
 def build_parts(cfg: RunConfig, specs: list[TaskSpec], data: TaskData, model: MultiTaskModel,
                 *, rank: int = 0, world: int = 1, announce: bool = False) -> Parts:
     """PEFT and freezing applied to ``model`` (:func:`adapt`), then the objective, the weighting
@@ -237,10 +281,12 @@ def build_parts(cfg: RunConfig, specs: list[TaskSpec], data: TaskData, model: Mu
     if announce and rank == 0:
         print(describe_counts(parameter_counts(model)), file=sys.stderr, flush=True)
     names = data.train_tasks
-    loss_options = {s.name: cfg.losses.get(s.name, cfg.losses.get(s.loss_name, {})) for s in specs}
+    loss_options = cfg.task_loss_options(specs)   # unknown keys and options raise
     objective = MultiTaskObjective(specs, cfg.sharing, loss_options)
     reducer = {"gradient_reducer": distributed.average} if world > 1 else {}
-    weighting = losses.get_weighting(cfg.weighting.method)(names, **cfg.weighting.options, **reducer)
+    weighting = losses.WEIGHTINGS.build(cfg.weighting.method, names,
+                                        options=_weighting_options(cfg, specs, names),
+                                        where="weighting.options", **reducer)
     weighting.to(device=t.device, dtype=getattr(torch, t.dtype))
     params = list(model.named_parameters()) + list(weighting.named_parameters())
     optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay,

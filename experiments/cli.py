@@ -1,7 +1,7 @@
 """The ``polytask`` command line.
 
     polytask train CONFIG [key=value ...] [--out RUN_DIR]
-    polytask train --resume RUN_DIR
+    polytask train --resume RUN_DIR [key=value ...]   (keys that may change on resume)
     polytask eval RUN_DIR [--split test] [--weights best|last]
     polytask generate RUN_DIR --task T (--input TEXT | --input-file X.jsonl [--output Y.jsonl])
                       [--instruction I] [--method greedy|beam|sample ...] [--scores]
@@ -15,15 +15,25 @@
 never validated has none and uses ``model.safetensors``, with a note on stderr. ``generate``
 predicts on evaluation's input path (:func:`polytask.experiments.runs.predict_records`).
 
-A user error (bad config key or value, missing file, unknown task ...) exits with status 2 and
-one line naming the problem; ``--debug`` shows the traceback instead.
+One error boundary (:func:`main`): a user error (bad config key or value, a missing, damaged or
+unwritable file, unknown task, a full disk ...) exits with status 2 and one line
+``polytask: error: <file or key>: <problem>``; Ctrl-C exits with 130; anything else is a bug,
+reported in one line (status 1) with its traceback written to a file. ``--debug`` shows the
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 
 class UsageError(ValueError):
@@ -51,6 +61,7 @@ def _weights(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from polytask.core.data.task_data import SPLITS
     p = _Parser(prog="polytask", description="multi-task Transformer research framework")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -59,12 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML run config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     t.add_argument("--out", help="run directory (default runs/<config name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest intact checkpoint; key=value overrides "
+                   "may then change train.lr, train.max_steps and the other settings that "
+                   "leave its saved state meaningful (the others are refused, listing these)")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a finished or interrupted run")
     e.add_argument("run_dir")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", choices=SPLITS)
     _weights_option(e)
 
     g = sub.add_parser("generate", help="predict with a trained run, as evaluation does")
@@ -113,15 +127,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from polytask.experiments.config import RunConfig, load_config
+    from polytask.experiments.config import load_config
     from polytask.experiments.runs import train_run
-    from polytask.core.training.checkpoint import read_json
+    from polytask.experiments.train import resume_config
 
     if args.resume:
-        if args.config:
+        # argparse puts a first key=value into CONFIG: with --resume every positional is one
+        given = ([args.config] if args.config else []) + list(args.overrides)
+        if any("=" not in item for item in given):
             raise UsageError("polytask train: give either CONFIG or --resume RUN_DIR, not both")
         run_dir = Path(args.resume)
-        cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
+        cfg = resume_config(run_dir, given)
         summary = train_run(cfg, run_dir, resume=True, progress=not args.no_progress)
     else:
         if not args.config:
@@ -143,6 +159,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from polytask.experiments.runs import Decoding, load_run, predict_records
     if args.output and not args.input_file:
         raise UsageError("polytask generate: --output needs --input-file")
+    if args.output and (Path(args.output).is_dir() or not Path(args.output).parent.is_dir()):
+        raise UsageError(f"polytask generate: --output {args.output}: "  # before predicting
+                         + ("is a directory" if Path(args.output).is_dir()
+                            else "its directory does not exist"))
     decoding = Decoding(args.method, args.num_beams, args.length_penalty, args.temperature,
                         args.top_k, args.top_p, args.seed, args.num_sequences,
                         args.max_new_tokens, args.scores)
@@ -152,13 +172,24 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.input_file:
         lines = "".join(json.dumps(r) + "\n" for r in out)
         if args.output:
-            Path(args.output).write_text(lines)
+            _write_text(Path(args.output), lines)
         else:
             print(lines, end="")
     elif args.scores:
         print(json.dumps({"prediction": out[0]["prediction"], "scores": out[0]["scores"]}))
     else:
         print("\n".join(out[0].get("predictions", [out[0].get("prediction")])))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, with the path on an OSError that the write or the close
+    raises without one (a full disk: ``open`` names the file, ``write`` does not)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
 
 
 def _input_records(args: argparse.Namespace) -> list[dict]:
@@ -201,20 +232,107 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
             "ablate": _cmd_ablate, "bench": _cmd_bench, "export": _cmd_export}
 
 
+#: what a user's input can cause (a bad file, path, key or value; a full disk): one line,
+#: exit 2. OSError covers FileNotFoundError, PermissionError, IsADirectoryError, ...;
+#: ValueError covers UnicodeDecodeError and json's JSONDecodeError.
+ANTICIPATED = (ValueError, OSError, KeyError, FloatingPointError, RecursionError,
+               SafetensorError)
+#: errnos that only writing raises: an OSError without a file name is named by the command's
+#: output location (a full disk during training is a write into the run directory)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and the blanks around them) turned into single spaces:
+    a foreign message (sentencepiece's, a traceback-like one) stays one line."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", text).strip()
+
+
+def _output_of(args: argparse.Namespace | None) -> str | None:
+    """The path a command writes to, to name an OSError that names none."""
+    if args is None:
+        return None
+    if args.command == "train":
+        config = args.config and Path("runs") / Path(args.config).stem
+        return str(args.resume or args.out or config or "") or None
+    if args.command == "ablate":
+        return str(args.out or Path("runs") / Path(args.config).stem)
+    return {"generate": getattr(args, "output", None), "export": getattr(args, "onnx", None),
+            "eval": None}.get(args.command)
+
+
+def error_message(err: BaseException, args: argparse.Namespace | None = None) -> str:
+    """``<file or key>: <problem>`` for an anticipated error, on one line."""
+    if isinstance(err, OSError):
+        problem = err.strerror or str(err)
+        if err.filename is not None:
+            names = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+            return one_line(f"{names}: {problem}")
+        where = _output_of(args)
+        if where and err.errno in WRITE_ERRNOS:
+            return one_line(f"{where}: {problem} (while writing there)")
+        return one_line(problem)
+    if isinstance(err, KeyError):  # str(KeyError) quotes its argument: a key or a message
+        key = err.args[0] if err.args else ""
+        return one_line(key if isinstance(key, str) and " " in key else f"missing key {key!r}")
+    if isinstance(err, RecursionError):
+        return one_line(f"input nested too deeply ({err})")
+    return one_line(str(err) or type(err).__name__)
+
+
+def _crash_report(err: BaseException) -> str:
+    """Write ``err``'s traceback to a file under the temp directory; its path (or why not)."""
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="polytask-crash-", suffix=".txt",
+                                         delete=False, encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(err)))
+            return f.name
+    except OSError as e:
+        return f"not written: {error_message(e)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; return the exit status. The error boundary: an anticipated failure
+    (:data:`ANTICIPATED`) prints ``polytask: error: <file or key>: <problem>`` (status 2), an
+    interrupt ``polytask: interrupted`` (130), anything else a one-line crash report whose
+    traceback goes to a file (1). ``--debug``, anywhere on the line, raises instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
+    args = None
     try:
         args = _parser().parse_args(argv)
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+    except KeyboardInterrupt:
         if debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"polytask: error: {msg}", file=sys.stderr)
+        print("polytask: interrupted", file=sys.stderr)
+        return 130
+    except ANTICIPATED as e:
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            return 141  # `polytask generate ... | head`: the reader left, as SIGPIPE reports it
+        if debug:
+            raise
+        print(f"polytask: error: {error_message(e, args)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"polytask: internal error: {type(e).__name__}: {one_line(str(e))} (this is a "
+              f"bug; the traceback is in {_crash_report(e)}; --debug prints it)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _stdout_gone() -> bool:
+    """True when stdout's reader has closed the pipe; stdout then points at devnull, so the
+    interpreter's last flush does not fail again."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 model:     {d_model: 128, n_heads: 4, ...}     # polytask.core.model.config.ModelConfig
 tasks:     tiny                                # a built-in suite name, or a list of task specs
 sharing:   {strategy: hard}                    # heads.SharingConfig
-weighting: {method: static}                    # losses.get_weighting(method)(**options)
-losses:    {ce: {label_smoothing: 0.1}}        # options per loss name
+weighting: {method: static}                    # losses.WEIGHTINGS.build(method, options=...)
+losses:    {ce: {label_smoothing: 0.1}}        # options per loss name or per task name
 data:      {sampling: proportional}            # DataConfig
 train:     {max_steps: 200, batch_size: 16}    # TrainConfig
 init:      path/to/hf-t5-dir                   # optional: start from a pretrained checkpoint
@@ -19,6 +19,13 @@ weights compute). The run uses the checkpoint's tokenizer (``data.vocab_size`` a
 
 Overrides use dotted keys, parsed as YAML scalars (never ``eval``):
 ``train.max_steps=50 sharing.strategy=soft model.d_model=64``.
+
+Every value is checked where its field is declared (``bounds`` in the dataclasses below:
+:mod:`polytask.core.model.config`), every option of a loss, weighting or PEFT method against
+its constructor, and the YAML itself: a key given twice in a mapping, nesting deeper than
+:data:`MAX_DEPTH` and aliases expanding past :data:`MAX_VALUES` values are errors naming the
+file and line. A user's config is also checked against this machine: ``train.device`` and the
+model's size (:meth:`RunConfig.check_parts`).
 """
 from __future__ import annotations
 
@@ -29,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from polytask.core.interop import hf_model_config
-from polytask.core.model.config import ModelConfig, check_fields, from_dict
 from polytask.core.data.tasks import TaskSpec
+from polytask.core.data.tokenizer import SEP_ID, Tokenizer
+from polytask.core.model.config import ModelConfig, bounds, check_fields, from_dict, short_repr
+from polytask.experiments.suite import load_suite
 from polytask.heads.config import SharingConfig
+from polytask.losses import LOSSES, WEIGHTINGS
 
 
 @dataclass
@@ -62,83 +73,148 @@ class WeightingConfig:
 @dataclass
 class DataConfig:
     sampling: Literal["proportional", "temperature", "uniform", "round_robin"] = "proportional"
-    temperature: float = 2.0            # p ∝ n^(1/T) for sampling: temperature
-    cap: int | None = None              # per-task cap on examples in the mixture rates (T5)
-    max_source_len: int = 128
-    max_target_len: int = 64
+    # p ∝ n^(1/T) for sampling: temperature (1: proportional, -> inf: uniform)
+    temperature: float = field(default=2.0, metadata=bounds(gt=0))
+    # per-task cap on examples in the mixture rates (T5)
+    cap: int | None = field(default=None, metadata=bounds(gt=0, null="no cap"))
+    max_source_len: int = field(default=128, metadata=bounds(gt=0))
+    # decoder positions: the start token and at least one target token
+    max_target_len: int = field(default=64, metadata=bounds(ge=2))
     truncation: Literal["truncate", "error", "drop"] = "truncate"
-    vocab_size: int = 1000              # sentencepiece vocabulary trained on the run's tasks
+    # sentencepiece vocabulary trained on the run's tasks, special ids included
+    vocab_size: int = field(default=1000, metadata=bounds(gt=SEP_ID + 1))
     tokenizer: Literal["unigram", "bpe"] = "unigram"
-    eval_examples: int = 200            # per task, for periodic validation (and other splits)
-    test_examples: int | None = None    # per task, for the final test; None: every example
+    # per task, for periodic validation (and other splits)
+    eval_examples: int = field(default=200, metadata=bounds(gt=0))
+    # per task, for the final test
+    test_examples: int | None = field(default=None, metadata=bounds(
+        gt=0, null="score every test example"))
     # templates scored at the final test: "first" (the main score, cheap) or "all" (T0's
     # robustness: mean/min/max over every template in summary.json, k templates cost k x the
     # test); the main per-task score is always the first template's (experiments.evaluate)
     eval_templates: Literal["first", "all"] = "first"
     # demonstrations from the train split prepended at the final test and `polytask eval`
-    # (never at validation: checkpoints are chosen zero-shot)
-    eval_shots: int = 0
+    # (never at validation: checkpoints are chosen zero-shot); 0: zero-shot
+    eval_shots: int = field(default=0, metadata=bounds(ge=0))
 
     def __post_init__(self) -> None:
-        check_fields(self, "data")
-        for name in ("max_source_len", "max_target_len", "vocab_size", "eval_examples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"data.{name} = {getattr(self, name)} must be positive")
-        if self.eval_shots < 0:
-            raise ValueError(f"data.eval_shots = {self.eval_shots} must be >= 0 (0: zero-shot)")
-        if self.test_examples is not None and self.test_examples <= 0:
-            raise ValueError(f"data.test_examples = {self.test_examples} must be positive "
-                             "(or null: score every test example)")
+        check_fields(self, "data")   # types and the bounds above
+
+
+#: the ``train.device`` forms accepted: where a run's tensors live (``cpu:0`` and ``mps:0``,
+#: torch's names of the one CPU and the one Apple GPU, too)
+DEVICE_FORMS = "cpu, cuda, cuda:N (N a GPU index), mps"
+
+
+def check_device(device: str, key: str = "train.device") -> None:
+    """``device`` names a device this torch can use now, else one ``ValueError`` line: a
+    typo lists :data:`DEVICE_FORMS`; ``cuda`` without CUDA, an index past the GPUs, or ``mps``
+    off Apple silicon says so (checked when the config loads, not at the first tensor)."""
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
+    if match is None or (match[1] != "cuda" and match[2] not in (None, "0")):
+        raise ValueError(f"{key} = {device!r} is invalid: expected one of {DEVICE_FORMS}")
+    kind, index = match[1], match[2]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key} = {device!r} but this torch {torch.__version__} has no usable "
+                         "CUDA (torch.cuda.is_available() is False: a CPU-only build or no GPU "
+                         "visible); use train.device=cpu")
+    if kind == "cuda" and index is not None and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"{key} = {device!r} but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key} = {device!r} but this torch has no usable MPS (Apple silicon) "
+                         "backend (torch.backends.mps.is_available() is False); use cpu")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1                 # micro-batches per optimizer step
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 20
+    # optimizer steps; 0: evaluate and save the initial model (e.g. a pretrained one)
+    max_steps: int = field(default=200, metadata=bounds(ge=0))
+    batch_size: int = field(default=16, metadata=bounds(gt=0))
+    # micro-batches per optimizer step
+    grad_accum: int = field(default=1, metadata=bounds(gt=0))
+    lr: float = field(default=3e-4, metadata=bounds(gt=0))
+    weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
+    # AdamW's (beta1, beta2); 1 would never forget the first gradient
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98],
+                               metadata=bounds(ge=0, lt=1, length=2))
+    warmup_steps: int = field(default=20, metadata=bounds(ge=0))
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
+    # the schedule decays to min_lr_ratio * lr
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    # max gradient norm; a negative one would flip every gradient, 0 zero every update
+    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, null="no clipping"))
     bf16: bool = False                  # autocast the forward pass to bfloat16
     dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64: exactness checks)
-    seed: int = 0
-    eval_every: int = 50
-    save_every: int = 50
-    early_stopping_patience: int | None = None   # evaluations without improvement
+    # numpy's seeds are 32-bit
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
+    eval_every: int = field(default=50, metadata=bounds(gt=0))
+    save_every: int = field(default=50, metadata=bounds(gt=0))
+    # evaluations without improvement (0 would stop at the first evaluation)
+    early_stopping_patience: int | None = field(default=None, metadata=bounds(
+        ge=1, null="never stop early"))
     # what selects checkpoints and stops early: "average_seen" (mean over trained tasks) or a
     # trained task's name; held-out tasks never may (experiments.evaluate.check_selection_metric)
     early_stopping_metric: str = "average_seen"
-    train_top_layers: int | None = None  # layerwise freezing: train only the top N layers per stack
+    # layerwise freezing: train only the top N layers of each stack (and the heads, final norms
+    # and LM head); 0 trains those alone, a linear probe of the frozen backbone
+    train_top_layers: int | None = field(default=None, metadata=bounds(
+        ge=0, null="train every layer"))
     train_only: list[str] = field(default_factory=list)  # discriminative tuning, e.g. [decoder]
     peft: dict[str, Any] = field(default_factory=dict)   # {method: lora, r: 8, ...}
     # False (with init:): weight files hold only what is not in the base checkpoint (PEFT
     # tensors, heads, ...); loading rebuilds the base from init:, checked against base.json
     save_base: bool = True
-    max_bad_steps: int = 5              # consecutive non-finite steps before the run stops
-    generation_max_tokens: int = 48
-    device: str = "cpu"
+    # consecutive non-finite steps before the run stops
+    max_bad_steps: int = field(default=5, metadata=bounds(gt=0))
+    generation_max_tokens: int = field(default=48, metadata=bounds(gt=0))
+    device: str = "cpu"                 # DEVICE_FORMS
 
     def __post_init__(self) -> None:
-        check_fields(self, "train")
-        for name in ("batch_size", "grad_accum", "eval_every", "save_every",
-                     "max_bad_steps", "generation_max_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} = {getattr(self, name)} must be positive")
-        if self.max_steps < 0:   # 0: evaluate and save the initial model (e.g. a pretrained one)
-            raise ValueError(f"train.max_steps = {self.max_steps} must be >= 0")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr = {self.lr} must be positive")
+        check_fields(self, "train")   # types and the bounds above
+        check_device(self.device)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.grad_accum ({self.grad_accum}) must divide "
                              f"train.batch_size ({self.batch_size})")
 
 
+#: a config is a few hundred values; these bound what YAML aliases and nesting can make of it
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML, plus floats written without a dot (``1e-3``), which YAML 1.1 reads as text."""
+    """Safe YAML, plus floats written without a dot (``1e-3``), which YAML 1.1 reads as text;
+    a key given twice in one mapping and nesting deeper than :data:`MAX_DEPTH` are errors at
+    their line (PyYAML would keep the last value, and recurse until ``RecursionError``)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], Any] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue   # merge keys (<<: *base) may be overridden: that is what they are for
+            if (key.tag, key.value) in first:
+                raise yaml.composer.ComposerError(
+                    None, None, f"duplicate key {key.value!r}; first at line "
+                    f"{first[key.tag, key.value].start_mark.line + 1}", key.start_mark)
+            first[key.tag, key.value] = key
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -149,8 +225,68 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values of a composed document, an alias each time it is used (what copying
+    the loaded data costs): a "billion laughs" document of nested aliases is refused, at the
+    line of the top-level entry whose value passes :data:`MAX_VALUES`, in at most that many
+    steps."""
+    top = [part for pair in root.value for part in pair] if isinstance(
+        root, yaml.MappingNode) else [root]
+    stack, count = [(n, n.start_mark) for n in top], 1
+    while stack:
+        node, mark = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"the document expands to more than {MAX_VALUES:,} values, "
+                "counting each use of an alias (*name) anew", mark)
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((part, mark) for pair in node.value for part in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, mark) for item in node.value)
+
+
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """Parse one YAML document with :class:`_Loader`, refusing duplicate keys, deep nesting
+    and alias bombs (``yaml.YAMLError`` with the line)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def plain_copy(data: Any, where: str = "config") -> Any:
+    """A deep copy of nested dicts and lists (tuples become lists, other values are shared),
+    with each use of a shared part copied on its own. Data bigger than :data:`MAX_VALUES`
+    once expanded, or deeper than :data:`MAX_DEPTH`, raises ``ValueError`` naming ``where``
+    first, so an alias bomb cannot make the copy run for ever."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ValueError(f"{where}: more than {MAX_VALUES:,} values once YAML aliases are "
+                             "expanded (each use of an alias counts anew); a config never "
+                             "needs that many")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((part, depth + 1) for pair in value.items() for part in pair)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1) for item in value)
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [copy(v) for v in value]
+        return value
+    return copy(data)
 
 
 SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train", "init")
@@ -186,6 +322,12 @@ def init_model_config(path: str | Path, given: dict[str, Any] | None) -> ModelCo
     else:
         saved = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["model"]
         base = from_dict(ModelConfig, saved, "model")
+        if (Path(path) / "tokenizer.model").is_file():
+            # a run that trained its own tokenizer built its model with the tokenizer's ids,
+            # whatever its config's model.vocab_size said (experiments.build.build_run)
+            tok = Tokenizer.load(Path(path) / "tokenizer.model")
+            base = dataclasses.replace(base, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                       bos_id=tok.bos_id, eos_id=tok.eos_id)
     given = dict(given or {})
     from_dict(ModelConfig, {**base.to_dict(), **given}, "model")   # unknown keys and types
     for key, value in given.items():
@@ -207,10 +349,27 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str | None = None
 
+    def __post_init__(self) -> None:
+        # absolute positions have a row per position: a longer sequence fails mid-run
+        if self.model.positions in ("learned", "sinusoidal"):
+            lengths = {"data.max_source_len": self.data.max_source_len,
+                       "data.max_target_len": self.data.max_target_len,
+                       "train.generation_max_tokens": self.train.generation_max_tokens}
+            for key, length in lengths.items():
+                if length > self.model.max_length:
+                    raise ValueError(
+                        f"{key} = {length} exceeds model.max_length = {self.model.max_length} "
+                        f"of the {self.model.positions} positions (a longer sequence would have "
+                        "no position); lower it or raise model.max_length")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, resolve_init: bool = True) -> "RunConfig":
-        """``resolve_init``: read an ``init:`` checkpoint's model config (see the module doc);
-        False for a run's own saved config.json, whose model section is already complete."""
+        """``resolve_init``: a user's config (True) — read an ``init:`` checkpoint's model
+        config (see the module doc), then check the names and options of losses and weighting
+        against the registries and the model's size against this machine's memory
+        (:meth:`check_parts`); False for a run's own saved config.json, whose model section
+        is already complete and whose registered names may come from a script not imported
+        now (the training loop checks them again when it builds the parts)."""
         if not isinstance(data, dict):
             raise ValueError(f"a run config must be a mapping of sections, got {type(data).__name__}")
         unknown = [k for k in data if k not in SECTIONS]
@@ -220,10 +379,12 @@ class RunConfig:
         if isinstance(tasks, list):
             tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in tasks]
         elif not isinstance(tasks, str):
-            raise ValueError(f"tasks must be a suite name or a list of task specs, got {tasks!r}")
+            raise ValueError(f"tasks must be a suite name or a list of task specs, got "
+                             f"{short_repr(tasks)}")
         losses = data.get("losses") or {}
         if not isinstance(losses, dict) or not all(isinstance(v, dict) for v in losses.values()):
-            raise ValueError(f"losses must map loss names to option mappings, got {losses!r}")
+            raise ValueError(f"losses must map task or loss names to option mappings, got "
+                             f"{short_repr(losses)}")
         init = data.get("init")
         if init is not None and not isinstance(init, str):
             raise ValueError(f"init = {init!r} must be a directory path")
@@ -231,7 +392,7 @@ class RunConfig:
             model = init_model_config(init, data.get("model"))
         else:
             model = from_dict(ModelConfig, data.get("model"), "model")
-        return cls(
+        cfg = cls(
             init=init,
             model=model,
             tasks=tasks,
@@ -241,6 +402,53 @@ class RunConfig:
             data=from_dict(DataConfig, data.get("data"), "data"),
             train=from_dict(TrainConfig, data.get("train"), "train"),
         )
+        if resolve_init:
+            cfg.check_parts()
+        return cfg
+
+    def specs(self) -> list[TaskSpec]:
+        """The task specs: the list given, or the built-in suite's (``tasks: <suite name>``)."""
+        if isinstance(self.tasks, str):
+            return load_suite(self.tasks)
+        return list(self.tasks)
+
+    def check_parts(self) -> None:
+        """What the sections name, checked before anything is built: each task's loss and the
+        weighting method are registered, their options are ones their constructors accept
+        (:meth:`task_loss_options`, :meth:`polytask.losses.registry.Registry.check_options`),
+        and the model's parameters fit this machine's memory
+        (:func:`polytask.core.model.config.check_memory`, with the tokenizer's vocabulary
+        ``data.vocab_size`` unless ``init:`` gives one)."""
+        specs = self.specs()
+        for s in specs:
+            if s.loss_name not in LOSSES:
+                raise ValueError(f"tasks[{s.name}].loss = {s.loss_name!r} is invalid: unknown "
+                                 f"loss; known: {', '.join(LOSSES.names())}")
+        self.task_loss_options(specs)
+        method = self.weighting.method
+        if method not in WEIGHTINGS:
+            raise ValueError(f"weighting.method = {method!r} is invalid: unknown weighting; "
+                             f"known: {', '.join(WEIGHTINGS.names())}")
+        WEIGHTINGS.check_options(method, self.weighting.options, "weighting.options",
+                                 positional=1)   # after the task names
+        self.model.check_memory(copies=len(specs), dtype=self.train.dtype,
+                                vocab_size=None if self.init else self.data.vocab_size)
+
+    def task_loss_options(self, specs: list[TaskSpec]) -> dict[str, dict[str, Any]]:
+        """Task name -> keyword options of its loss, from ``losses:``. A key is a task's name
+        (that task's options) or the name of a loss some task uses (the options of every such
+        task without a key of its own). A key that is neither, an option the loss does not
+        take, or a value of the wrong type raises, naming ``losses.<key>``."""
+        loss_of = {s.name: s.loss_name for s in specs}
+        used = sorted(set(loss_of.values()))
+        for key, options in self.losses.items():
+            if key not in loss_of and key not in used:
+                raise ValueError(
+                    f"losses.{key} names neither a task nor a loss of one; valid keys: the "
+                    f"tasks {', '.join(loss_of)} or their losses {', '.join(used)}")
+            LOSSES.check_options(loss_of.get(key, key), options, f"losses.{key}")
+        return {s.name: dict(self.losses.get(s.name, self.losses.get(s.loss_name, {})))
+                for s in specs}
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -248,22 +456,27 @@ class RunConfig:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3", "sharing.strategy=soft"]`` -> ``{"train.lr": 0.001, ...}``."""
+    """``["train.lr=1e-3", "sharing.strategy=soft"]`` -> ``{"train.lr": 0.001, ...}``; values
+    are YAML (with :func:`yaml_load`'s checks). A key given again replaces its earlier value,
+    so a script can add overrides to a list of defaults."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
+            raise ValueError(f"override {short_repr(item)} must look like section.key=value")
         try:
-            out[key.strip()] = yaml_load(raw) if raw.strip() else ""
+            out[key] = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ValueError(f"override {item!r}: cannot parse value ({e.problem})") from None
+            raise ValueError(f"override {short_repr(item)}: cannot parse value "
+                             f"({getattr(e, 'problem', None) or e})") from None
     return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy). Unknown keys are caught by ``from_dict``."""
-    data = json.loads(json.dumps(data))
+    """Set dotted keys in a nested dict (a copy: :func:`plain_copy`, so the size limits hold
+    for data not read by :func:`yaml_load` too). Unknown keys are caught by ``from_dict``."""
+    data = plain_copy(data)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = data
@@ -271,26 +484,33 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if p not in SECTIONS and i == 0:
                 raise ValueError(f"unknown config section {p!r} in override {dotted!r}; "
                                  f"known: {', '.join(SECTIONS)}")
-            nxt = node.setdefault(p, {})
+            if node.get(p) is None:   # an empty section (``train:`` and nothing under it)
+                node[p] = {}
+            nxt = node[p]
             if not isinstance(nxt, dict):
                 raise ValueError(f"override {dotted!r}: {'.'.join(parents[:i + 1])} is not a section")
             node = nxt
         if not parents and leaf not in SECTIONS:
             raise ValueError(f"unknown config section {leaf!r}; known: {', '.join(SECTIONS)}")
-        node[leaf] = value
+        node[leaf] = plain_copy(value, f"override {dotted}")
     return data
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; any problem is one ``ValueError`` line naming the
+    file, and the line where the YAML has one (:func:`yaml_load`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ValueError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})"
+                         ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping of sections")
     return data

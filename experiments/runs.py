@@ -7,6 +7,7 @@ A run directory holds ``config.json``, ``tokenizer.model``, ``metrics.jsonl``,
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from polytask.core.data.tokenizer import Tokenizer
 from polytask.core.decoding.generation import METHODS, generate
 from polytask.core.export import export_model
 from polytask.core.peft import unwrap_lora
-from polytask.core.training.checkpoint import load_weights, read_json
+from polytask.core.training.checkpoint import (load_weights, read_json, unverified_note,
+                                               verify_file)
 from polytask.core.data.task_data import TaskData
 from polytask.experiments.adapt import adapt, weight_names
 from polytask.experiments.build import build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
-from polytask.experiments.train import train
+from polytask.experiments.train import read_run_config, train
 from polytask.heads.model import DECODER_HEADS, MultiTaskModel
 
 
@@ -47,11 +49,23 @@ def weights_file(run_dir: Path, weights: str = "best") -> Path:
     """The weight file of ``weights``: ``best`` (best validation, what ``summary.json``,
     ``results.csv`` and ``table.md`` score) or ``last`` (the final step). A run that never
     validated has no ``best.safetensors``: ``best`` falls back to ``model.safetensors``
-    (:func:`weights_note` says so)."""
+    (:func:`weights_note` says so). A run that did — its manifest lists the file, or its
+    summary names a best step — and lost the file is an error naming it, never silently its
+    last weights."""
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; choices: {', '.join(WEIGHTS)}")
-    best = Path(run_dir) / WEIGHTS["best"]
-    return best if weights == "best" and best.is_file() else Path(run_dir) / WEIGHTS["last"]
+    run_dir = Path(run_dir)
+    best, last = run_dir / WEIGHTS["best"], run_dir / WEIGHTS["last"]
+    if weights == "last" or best.is_file():
+        return run_dir / WEIGHTS[weights]
+    verify_file(best)   # listed in the manifest: "missing (listed in ...)"
+    summary = run_dir / "summary.json"
+    recorded = read_json(summary) if summary.is_file() else {}
+    step = recorded.get("best_step") if isinstance(recorded, dict) else None
+    if step is not None:
+        raise ValueError(f"{best}: missing, but {summary} scores the best validation weights "
+                         f"(step {step}); put the file back, or use --weights last")
+    return last
 
 
 def weights_note(run_dir: Path, weights: str) -> str | None:
@@ -80,9 +94,15 @@ def load_run(run_dir: Path, *, merge: bool = True, weights: str = "best"
     A ``train.save_base: false`` run's base comes from its ``init:`` checkpoint (SHA-256
     checked against ``base.json`` by ``build_run``), and either weight file adds exactly the
     trained tensors to it (training saves both with the same names).
+
+    Every file read is checked against the run's ``manifest.json``: a damaged or missing one
+    is a ``ValueError`` naming it; a run written before manifests loads with a note on stderr.
     """
     path = weights_file(run_dir, weights)  # an unknown choice fails before the model is built
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"), resolve_init=False)
+    cfg = read_run_config(run_dir)         # every file read is checked against the manifest
+    note = unverified_note(run_dir)
+    if note:
+        print(f"polytask: note: {note}", file=sys.stderr, flush=True)
     data, tokenizer, model = build_run(cfg, resolve_tasks(cfg), run_dir, fresh_tokenizer=False)
     adapt(model, cfg)
     load_weights(path, model, weight_names(cfg, model))
@@ -173,8 +193,14 @@ def default_instruction(data: TaskData, task: str) -> str:
     """The instruction of a template-less task when a record gives none: the one that all the
     task's loaded records share (its training records', else its evaluation splits'). Records
     with different instructions leave no default: the caller must give one."""
-    split = next(iter(data.examples[task]))
-    found = sorted({ex.meta.get("instruction", "") for ex in data.examples[task][split]})
+    loaded = dict(data.examples[task])
+    if task in data.held_out_train:  # a held-out task may have loaded no other split
+        loaded.setdefault("train", data.held_out_train[task])
+    split = next(iter(loaded), None)
+    if split is None:
+        raise ValueError(f"task {task!r} has no templates and no loaded records to take its "
+                         "instruction from; give one with --instruction")
+    found = sorted({ex.meta.get("instruction", "") for ex in loaded[split]})
     if len(found) != 1:
         raise ValueError(f"task {task!r} has no templates and its {split} records carry "
                          f"{len(found)} different instructions (e.g. {found[0]!r}); give one "
@@ -262,6 +288,11 @@ def predict_records(cfg: RunConfig, data: TaskData, tokenizer: Tokenizer, model:
     :func:`polytask.experiments.evaluate.predict` does; classifier and rank tasks choose their
     label as evaluation does; generation tasks decode with ``decoding``."""
     _check_task(data, task, decoding)
+    limit = cfg.model.max_length
+    if (decoding.max_new_tokens or 0) > limit and cfg.model.positions in ("learned", "sinusoidal"):
+        raise ValueError(f"--max-new-tokens {decoding.max_new_tokens} exceeds model.max_length = "
+                         f"{limit} of the run's {cfg.model.positions} positions (a longer output "
+                         f"would have no position); use at most {limit}")
     examples = [source_example(data, task, r) for r in records]
     opts = eval_options(cfg)
     device = next(model.parameters()).device

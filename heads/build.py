@@ -64,6 +64,7 @@ def build_model(model_config: ModelConfig | Any, tasks: list[TaskSpec] | None = 
         sharing = SharingConfig.from_dict(sharing)
     specs = [_as_task(t) for t in tasks]
     plan = make_plan(sharing, model_config, specs)
+    model_config.check_memory(copies=len(specs))   # before anything is allocated
     backbones = [EncoderDecoder(model_config) for _ in specs]
     if pretrained is not None:
         state = pretrained.state_dict()

@@ -22,11 +22,11 @@ build and with which options:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from polytask.core.data.tasks import TaskSpec
-from polytask.core.model.config import check_fields, from_dict
+from polytask.core.model.config import bounds, check_fields, from_dict
 
 STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
 
@@ -41,38 +41,27 @@ class SharingConfig:
     """
 
     strategy: str = "hard"
-    shared_layers: int = 1
-    group_layers: int = 1
-    soft_weight: float = 1e-2
+    shared_layers: int = field(default=1, metadata=bounds(ge=0))
+    group_layers: int = field(default=1, metadata=bounds(ge=0))
+    soft_weight: float = field(default=1e-2, metadata=bounds(ge=0))
     cross_stitch: bool = False
     lm_head: Literal["shared", "per_task"] = "shared"
     classifier_pooling: Literal["mean", "first"] = "mean"
-    classifier_hidden: int | None = None
+    classifier_hidden: int | None = field(default=None, metadata=bounds(gt=0, null="d_model"))
     rank_normalize: Literal["sum", "mean"] = "sum"
     adversarial: bool = False
-    adversarial_weight: float = 0.05
-    grl_lambda: float | Literal["schedule"] = 1.0
-    grl_gamma: float = 10.0
-    orthogonality_weight: float = 0.0
+    adversarial_weight: float = field(default=0.05, metadata=bounds(ge=0))
+    grl_lambda: float | Literal["schedule"] = field(default=1.0, metadata=bounds(ge=0))
+    # 0 would hold the scheduled coefficient at 0: the reversal would never act
+    grl_gamma: float = field(default=10.0, metadata=bounds(gt=0))
+    orthogonality_weight: float = field(default=0.0, metadata=bounds(ge=0))
 
     def __post_init__(self) -> None:
-        check_fields(self, "sharing")
+        check_fields(self, "sharing")   # types, and the bounds above (every float finite)
         if self.strategy not in strategy_names():
             raise ValueError(f"sharing.strategy = {self.strategy!r} is invalid: expected one of "
                              f"{', '.join(repr(n) for n in strategy_names())} (register more with "
                              "heads.register_plan)")
-        for name in ("shared_layers", "group_layers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"sharing.{name} = {getattr(self, name)} must be >= 0")
-        for name in ("soft_weight", "adversarial_weight", "orthogonality_weight", "grl_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"sharing.{name} = {getattr(self, name)} must be >= 0")
-        if self.classifier_hidden is not None and self.classifier_hidden <= 0:
-            raise ValueError(
-                f"sharing.classifier_hidden = {self.classifier_hidden} must be positive or null")
-        if isinstance(self.grl_lambda, float) and self.grl_lambda < 0:
-            raise ValueError(
-                f"sharing.grl_lambda = {self.grl_lambda} must be >= 0 or 'schedule'")
         # Liu et al.'s discriminator sees *shared* features; with nothing shared there are none.
         if self.adversarial and self.strategy in ("none", "soft"):
             raise ValueError(

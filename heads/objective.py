@@ -71,7 +71,8 @@ class MultiTaskObjective(nn.Module):
                              f"{', '.join(t.name for t in tasks)}")
         self.tasks, self.sharing = list(tasks), sharing
         self.criteria = nn.ModuleDict({
-            str(i): losses.get(t.loss_name)(**loss_options.get(t.name, {}))
+            str(i): losses.LOSSES.build(t.loss_name, options=loss_options.get(t.name),
+                                        where=f"losses.{t.name}")
             for i, t in enumerate(tasks)})
 
     def forward(self, model: MultiTaskModel, output: MultiTaskOutput, batch: Batch) -> ObjectiveResult:

@@ -41,11 +41,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import sentencepiece as spm
-
-from polytask.core.data.tokenizer import TextTokenizer
+from polytask.core.data.tokenizer import TextTokenizer, sentencepiece_processor
 
 if TYPE_CHECKING:
     import tokenizers
@@ -58,7 +56,17 @@ _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A config file's object, ``{}`` when there is no file; a damaged one is a ``ValueError``
+    naming it (not json's bare message)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _configs(directory: Path) -> list[dict[str, Any]]:
@@ -117,7 +125,7 @@ class T5SentencePiece:
     def __init__(self, model_proto: bytes, extra_ids: int = 100,
                  decoder_start_id: int | None = None) -> None:
         self.model_proto = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sp = sentencepiece_processor(model_proto)
         found = {"pad": self.sp.pad_id(), "eos": self.sp.eos_id(), "unk": self.sp.unk_id(),
                  "bos": self.sp.bos_id()}
         if found != T5_LAYOUT:
@@ -230,6 +238,15 @@ def _check_bart_layout(tokenizer: "tokenizers.Tokenizer") -> int:
     return found["<mask>"]
 
 
+def _read_tokenizers(read: Callable[[], Any], where: str | Path) -> Any:
+    """``read()``, with the ``tokenizers`` package's plain ``Exception`` on a damaged file
+    turned into a ``ValueError`` naming ``where``."""
+    try:
+        return read()
+    except Exception as err:  # noqa: BLE001 (tokenizers raises bare Exception)
+        raise ValueError(f"{where}: not a readable tokenizer file ({err})") from None
+
+
 class BartBPE:
     """BART's byte-level BPE (module docstring), a ``tokenizers.Tokenizer`` in BART's layout.
 
@@ -260,14 +277,16 @@ class BartBPE:
                               "package (pip install tokenizers)") from None
         directory = Path(directory)
         if (directory / TOKENIZER_JSON).is_file():
-            tok = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_JSON))
+            tok = _read_tokenizers(lambda: tokenizers.Tokenizer.from_file(
+                str(directory / TOKENIZER_JSON)), directory / TOKENIZER_JSON)
             kind = type(tok.model).__name__
             if kind != "BPE":
                 raise ValueError(f"{directory / TOKENIZER_JSON} holds a {kind} model, not BART's "
                                  f"byte-level BPE (a T5 checkpoint is read from its {SPIECE})")
         elif (directory / VOCAB_JSON).is_file() and (directory / MERGES_TXT).is_file():
-            tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(
-                str(directory / VOCAB_JSON), str(directory / MERGES_TXT)))
+            tok = tokenizers.Tokenizer(_read_tokenizers(lambda: tokenizers.models.BPE.from_file(
+                str(directory / VOCAB_JSON), str(directory / MERGES_TXT)),
+                f"{directory / VOCAB_JSON} + {MERGES_TXT}"))
             tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = tokenizers.decoders.ByteLevel()
             try:    # before the special tokens are added: a missing one would be appended

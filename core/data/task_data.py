@@ -5,6 +5,8 @@ and a *target* text; a classification target is its label word and ``Example.lab
 index in ``TaskSpec.labels``. Records have the Alpaca / FLAN shape
 ``{"task", "instruction", "input", "output"}``, one JSON object per line (``.jsonl``), or the
 same columns with a header row (``.csv`` / ``.tsv``); any of them may be gzipped (``.gz``).
+Files are UTF-8, with or without the byte-order mark spreadsheets write. A task's ``files`` are
+keyed by the split names of :data:`SPLITS`; another name (``dev``) is refused, not ignored.
 
 Templates (FLAN, Wei et al. 2022): a task may declare several instruction phrasings. During
 training one is drawn per example with an rng (:func:`apply_template`); at evaluation the first
@@ -16,19 +18,20 @@ Held-out tasks (``TaskSpec.held_out``) are loaded for evaluation only: FLAN's ze
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
-import io
 import json
 import random
+import re
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from polytask.core.data.tasks import TaskSpec
+from polytask.core.data.tasks import SPLITS, TaskSpec
 
 SEP = "[SEP]"
-SPLITS = ("train", "validation", "test")
 RECORD_KEYS = ("task", "instruction", "input", "output", "meta")
 
 
@@ -75,10 +78,37 @@ def apply_template(example: Example, spec: TaskSpec, rng: random.Random | None =
     return replace(example, source=render(template, example.meta.get("input", ""), spec.labels))
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+_CR_LINES = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")  # a line and its ending
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of ``path`` (gunzipped when it ends in ``.gz``), 1-based.
+
+    Lines are decoded one at a time, so invalid UTF-8 is reported at its line (a text stream
+    decodes ahead in blocks); a leading byte-order mark, as spreadsheets write UTF-8, is
+    dropped. Lines end at ``\n``, ``\r\n`` or a lone ``\r``, as in text mode. A file that
+    is not gzip, or is cut short, raises ``ValueError`` naming it.
+    """
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for raw in f:
+                if n == 0 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{n + 1}: invalid UTF-8 (byte 0x{raw[err.start]:02x} "
+                                     f"at offset {err.start} of the line); save the file as UTF-8"
+                                     ) from None
+                for line in _CR_LINES.findall(text) if "\r" in text.rstrip("\r\n") else [text]:
+                    n += 1
+                    yield n, line
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+    except EOFError:
+        raise ValueError(f"{path}: truncated gzip file (it ends before its end-of-stream "
+                         "marker)") from None
 
 
 def _file_kind(path: Path) -> str:
@@ -91,29 +121,43 @@ def _file_kind(path: Path) -> str:
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, record)`` from a JSONL, CSV or TSV file (1-based lines)."""
+    """Yield ``(line number, record)`` from a JSONL, CSV or TSV file (1-based lines).
+
+    Every problem of the file (not found, damaged gzip, invalid UTF-8 or JSON, JSON nested too
+    deeply for Python's parser, a malformed CSV row) is a ``ValueError`` naming the file, and
+    the line where there is one.
+    """
     path = Path(path)
     kind = _file_kind(path)
     if not path.is_file():
         raise ValueError(f"{path}: data file not found")
-    with _open_text(path) as f:
-        if kind == "jsonl":
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-                yield n, record
-        else:
-            reader = csv.DictReader(f, delimiter="\t" if kind == "tsv" else ",")
-            for record in reader:
-                if None in record:  # csv puts surplus cells under the key None
-                    raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
-                yield reader.line_num, {k: v for k, v in record.items() if v is not None}
+    if kind == "jsonl":
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply to read") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
+        return
+    reader = csv.DictReader((text for _, text in _lines(path)),
+                            delimiter="\t" if kind == "tsv" else ",")
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # the DictReader's line_num lags on an error, its reader's not
+            raise ValueError(f"{path}:{reader.reader.line_num}: malformed {kind.upper()} "
+                             f"({err})") from None
+        if None in record:  # csv puts surplus cells under the key None
+            raise ValueError(f"{path}:{reader.line_num}: more cells than header columns")
+        yield reader.line_num, {k: v for k, v in record.items() if v is not None}
 
 
 def _check_record(record: dict[str, Any], spec: TaskSpec, where: str) -> None:
@@ -131,6 +175,15 @@ def _check_record(record: dict[str, Any], spec: TaskSpec, where: str) -> None:
         raise ValueError(f"{where}: 'meta' must be an object, got {record['meta']!r}")
 
 
+def check_splits(spec: TaskSpec) -> None:
+    """Refuse a file under a split name that is not one of :data:`SPLITS` (``dev`` for
+    ``validation``): nothing would ever read it, and the run would quietly lack that split."""
+    unknown = [name for name in spec.files if name not in SPLITS]
+    if unknown:
+        raise ValueError(f"tasks[{spec.name}].files.{unknown[0]}: unknown split {unknown[0]!r}; "
+                         f"splits: {', '.join(SPLITS)}")
+
+
 def load_task(spec: TaskSpec, split: str, *, root: str | Path | None = None,
               rng: random.Random | None = None) -> list[Example]:
     """Read ``spec.files[split]`` into formatted examples.
@@ -144,6 +197,9 @@ def load_task(spec: TaskSpec, split: str, *, root: str | Path | None = None,
     Records whose ``task`` names another task are skipped: one file may hold a whole mixture,
     as FLAN's and Alpaca's do. A file that yields no example of this task is an error.
     """
+    check_splits(spec)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     if split not in spec.files:
         known = ", ".join(spec.files) or "none"
         raise ValueError(f"task {spec.name!r} has no {split!r} split; its splits: {known}")
@@ -193,6 +249,11 @@ class TaskData:
              root: str | Path | None = None) -> "TaskData":
         """Load every split of every task that declares it (held-out tasks: their ``train``
         split only into :attr:`held_out_train`, for demonstrations)."""
+        unknown = [sp for sp in splits if sp not in SPLITS]
+        if unknown:
+            raise ValueError(f"unknown split {unknown[0]!r}; splits: {', '.join(SPLITS)}")
+        for spec in specs:
+            check_splits(spec)
         names = [s.name for s in specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from polytask.core.model.config import check_fields, from_dict
+from polytask.core.model.config import bounds, check_fields, from_dict
 
 Kind = Literal["generation", "classification"]
 Head = Literal["auto", "lm", "classifier", "rank"]
+
+
+SPLITS = ("train", "validation", "test")
+"""The split names a task file may be given under (``files: {train: ..., ...}``)."""
 
 
 @dataclass
@@ -44,26 +48,28 @@ class TaskSpec:
     labels: list[str] | None = None
     head: Head = "auto"
     loss: str | None = None
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
     group: str | None = None
     metric: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     templates: list[str] = field(default_factory=list)
     held_out: bool = False
-    max_examples: int | None = None
+    max_examples: int | None = field(default=None, metadata=bounds(gt=0, null="no cap"))
 
     def __post_init__(self) -> None:
-        check_fields(self, f"tasks[{self.name}]")
         if not self.name or not isinstance(self.name, str):
             raise ValueError(f"task name must be a non-empty string, got {self.name!r}")
+        check_fields(self, f"tasks[{self.name}]")   # types, weight finite >= 0, max_examples
+        unknown = [k for k in self.files if k not in SPLITS]
+        if unknown:   # refused when the config is read, not when its data loads
+            raise ValueError(f"tasks[{self.name}].files.{unknown[0]}: unknown split "
+                             f"{unknown[0]!r}; splits: {', '.join(SPLITS)}")
         if self.kind == "classification" and not self.labels:
             raise ValueError(f"task {self.name!r} is a classification task but declares no labels")
         if self.kind == "generation" and self.head in ("classifier", "rank"):
             raise ValueError(f"task {self.name!r}: head {self.head!r} needs kind 'classification'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"task {self.name!r} has duplicate labels: {self.labels}")
-        if self.weight < 0:
-            raise ValueError(f"task {self.name!r}: weight {self.weight} must be >= 0")
 
     @property
     def head_kind(self) -> str:

@@ -77,18 +77,37 @@ class TextTokenizer(Protocol):
         writes its one ``.model`` file at the path given)."""
 
 
+def sentencepiece_processor(model_proto: bytes) -> spm.SentencePieceProcessor:
+    """A processor of a serialized sentencepiece model; an empty or unparsable one is a
+    ``ValueError`` (sentencepiece raises ``RuntimeError``, or for empty bytes builds a model
+    without pieces that logs an error on every call)."""
+    if not model_proto:
+        raise ValueError("empty file, not a sentencepiece model")
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError:  # its message is the failed C++ check, nothing a user can act on
+        raise ValueError(f"not a sentencepiece model (its {len(model_proto)} bytes do not "
+                         "parse)") from None
+
+
 class Tokenizer:
     """Text <-> ids. Build with :meth:`train` or :meth:`load`."""
 
     def __init__(self, model_proto: bytes) -> None:
         self.model_proto = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sp = sentencepiece_processor(model_proto)
         specials = {"pad": (self.sp.pad_id(), PAD_ID), "unk": (self.sp.unk_id(), UNK_ID),
-                    "bos": (self.sp.bos_id(), BOS_ID), "eos": (self.sp.eos_id(), EOS_ID),
-                    SEP: (self.sp.piece_to_id(SEP), SEP_ID)}
+                    "bos": (self.sp.bos_id(), BOS_ID), "eos": (self.sp.eos_id(), EOS_ID)}
         for name, (got, want) in specials.items():
             if got != want:
                 raise ValueError(f"sentencepiece model has {name} id {got}, polytask needs {want}")
+        # only now: on a model without pieces piece_to_id logs to stderr instead of raising
+        if self.sp.piece_to_id(SEP) != SEP_ID:
+            raise ValueError(f"sentencepiece model has {SEP} id {self.sp.piece_to_id(SEP)}, "
+                             f"polytask needs {SEP_ID}")
+        if self.sp.get_piece_size() <= SEP_ID + 1:
+            raise ValueError(f"sentencepiece model has {self.sp.get_piece_size()} pieces, only "
+                             "the special ones; it cannot encode text")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int,
@@ -135,10 +154,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a ``.model`` file :meth:`save` wrote; a missing, damaged or foreign one is a
+        ``ValueError`` naming it."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: tokenizer model not found")
-        return cls(path.read_bytes())
+        try:
+            return cls(path.read_bytes())
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @property
     def vocab_size(self) -> int:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from polytask.core.training.checkpoint import check_state
@@ -38,14 +39,15 @@ FAMILIES: dict[str, ModuleType] = {"t5": t5, "bart": bart}
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors file(s) of a Hugging Face directory: ``model.safetensors``, else every
-    shard its ``model.safetensors.index.json`` names. A directory with only a pickled
-    ``pytorch_model.bin`` is refused (it is never loaded: unpickling can run code)."""
+    shard its ``model.safetensors.index.json`` names (relative paths inside ``path`` only). A
+    directory with only a pickled ``pytorch_model.bin`` is refused (it is never loaded:
+    unpickling can run code)."""
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
         return [single]
     if index.is_file():
-        return [path / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        return [path / shard for shard in _shards(index)]
     if any((path / name).exists() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ValueError(
             f"{path} holds only pytorch_model.bin, a pickle, which polytask never loads (it can "
@@ -55,14 +57,48 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
+def _json_file(file: Path) -> Any:
+    """The JSON value of ``file``; a damaged file is a ``ValueError`` naming it."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{file}: not a JSON file ({err})") from None
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names in its ``weight_map``, each
+    checked to be a relative path that stays in the index's directory: a downloaded index must
+    not make polytask read files elsewhere (``../`` or an absolute path is refused)."""
+    data = _json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file); not a "
+                         "safetensors index, or a damaged one")
+    for shard in weight_map.values():
+        parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
+        if not parts or PurePosixPath(shard).is_absolute() or ".." in parts:
+            raise ValueError(f"{index}: weight_map names shard {shard!r}, which is not a file "
+                             f"inside {index.parent} (absolute and '..' paths are refused)")
+    return sorted(set(weight_map.values()))
+
+
 def _read_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``config.json`` and the tensors of :func:`weight_files`."""
+    """``config.json`` and the tensors of :func:`weight_files`; a missing shard or a damaged
+    file is a ``ValueError`` naming it."""
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
-    config = json.loads((path / "config.json").read_text())
+    config = _json_file(path / "config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object, got "
+                         f"{type(config).__name__}")
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
-        state.update(load_file(str(file)))
+        if not file.is_file():
+            raise ValueError(f"{file}: missing (model.safetensors.index.json names it)")
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as err:  # truncated, or not safetensors at all
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
     return state, config
 
 
@@ -138,14 +174,15 @@ def from_hf(source: Any, config: Any = None) -> EncoderDecoder:
     head = state.get(family.LM_HEAD)
     tied = head is None or (embedding is not None and head.shape == embedding.shape
                             and torch.equal(head, embedding))
+    where = (Path(source) / "config.json" if isinstance(source, (str, os.PathLike))
+             else "the Hugging Face config")
+    cfg, scale = _model_config(hf, tied, where)
     if family is t5:
-        cfg, scale = t5.model_config(hf, tied=tied)
         if scale and not tied:
             # v1.0-style output scaling with an untied head: fold d**-0.5 into the head, since
             # (h · d**-0.5) Wᵀ = h (W · d**-0.5)ᵀ, instead of adding a config option for it.
             state[family.LM_HEAD] = head * cfg.d_model ** -0.5
     else:
-        cfg = bart.model_config(hf, tied=tied)
         bias = state.get(bart.LOGITS_BIAS)
         # transformers lists final_logits_bias as may-be-missing and then uses zeros; so do we.
         state[bart.LOGITS_BIAS] = (torch.zeros(cfg.vocab_size) if bias is None
@@ -161,6 +198,7 @@ def from_hf(source: Any, config: Any = None) -> EncoderDecoder:
             unknown.append(name)
         else:
             mapped[ours] = tensor
+    cfg.check_memory()   # a checkpoint's config.json may claim any size
     model = EncoderDecoder(cfg)
     _check(mapped, unknown, model, kind)
     dtype = embedding.dtype if embedding is not None else torch.float32
@@ -169,16 +207,26 @@ def from_hf(source: Any, config: Any = None) -> EncoderDecoder:
     return model.eval()
 
 
+def _model_config(hf: dict[str, Any], tied: bool, where: str | Path) -> tuple[ModelConfig, bool]:
+    """``(ModelConfig, scale)`` of a T5 / BART config (``scale``: T5 v1.0's output scaling;
+    False for BART); a missing key or a bad value is a ``ValueError`` naming ``where``."""
+    try:
+        if hf["model_type"] == "t5":
+            return t5.model_config(hf, tied=tied)
+        return bart.model_config(hf, tied=tied), False
+    except KeyError as err:
+        raise ValueError(f"{where}: missing key {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:  # a value of the wrong type or out of range
+        raise ValueError(f"{where}: {err}") from None
+
+
 def hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a Hugging Face T5/BART directory, checked to be one."""
     path = Path(path)
     file = path / "config.json"
     if not file.is_file():
         raise ValueError(f"{path} has no config.json (expected a Hugging Face model directory)")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not a JSON file ({err})") from None
+    config = _json_file(file)
     if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise ValueError(f"{file}: model_type {kind!r} is not supported; choose one of "
@@ -192,9 +240,7 @@ def hf_model_config(path: str | os.PathLike) -> ModelConfig:
     the tensors when it loads them)."""
     hf = hf_config(path)
     tied = bool(hf.get("tie_word_embeddings", True))
-    if hf["model_type"] == "t5":
-        return t5.model_config(hf, tied=tied)[0]
-    return bart.model_config(hf, tied=tied)
+    return _model_config(hf, tied, Path(path) / "config.json")[0]
 
 
 __all__ = ["from_hf", "hf_config", "hf_model_config", "read_source", "weight_files", "FAMILIES"]

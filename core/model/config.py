@@ -1,18 +1,32 @@
 """Typed configuration: ``ModelConfig`` and the strict dict -> dataclass loader every config
 section uses. A wrong key or value fails loudly, naming the key, the value and the choices.
+
+A field declares its allowed range next to its default, where a reader looks for it::
+
+    lr: float = field(default=3e-4, metadata=bounds(gt=0))
+    grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, null="no clipping"))
+
+and :func:`check_fields` enforces it (``train.grad_clip = -1.0 must be positive (or null: no
+clipping)``). Every float must be finite unless its field says ``bounds(allow_inf=True)``: a
+``nan`` learning rate or task weight would otherwise train silently on garbage.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import reprlib
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
+    """``value`` has type ``tp``, element by element for ``list[X]``, ``tuple[X, ...]`` and
+    ``dict[K, V]`` (so ``betas: [a, b]`` is refused here, not deep inside the optimizer)."""
     origin = get_origin(tp)
     if tp is Any:
         return True
@@ -27,39 +41,173 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = [a for a in get_args(tp) if a is not Ellipsis]
+        return not items or all(_type_ok(v, items[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        args = get_args(tp)
+        return isinstance(value, dict) and (not args or all(
+            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items()))
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
+    """``one of 'a', 'b'`` for a Literal, ``float or null`` for a union, else the type as
+    written (``list[float]``)."""
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 60, 60, 8, 8
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to one short line for error messages (a long list shows ``...``)."""
+    return _short.repr(value)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field, or of every item of a list field (``length``:
+    exactly that many items). ``null`` says what ``None`` means, for the message, when the
+    field's type allows it. Build it with :func:`bounds`."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    allow_inf: bool = False
+    null: str | None = None
+    length: int | None = None
+
+    def rule(self) -> str:
+        """``positive``, ``>= 0``, ``in [0, 1)``, ... ('' when unbounded)."""
+        low, high = (self.gt, self.ge), (self.lt, self.le)
+        lo = next((x for x in low if x is not None), None)
+        hi = next((x for x in high if x is not None), None)
+        if lo is not None and hi is not None:
+            return (f"in {'(' if self.gt is not None else '['}{_number(lo)}, {_number(hi)}"
+                    f"{')' if self.lt is not None else ']'}")
+        if self.gt == 0:
+            return "positive"
+        for op, x in (("> ", self.gt), (">= ", self.ge), ("< ", self.lt), ("<= ", self.le)):
+            if x is not None:
+                return op + _number(x)
+        return ""
+
+    def problem(self, x: float) -> str | None:
+        """Why number ``x`` is out of range (``must be ...``), or None if it is not."""
+        rule = self.rule()
+        if isinstance(x, float) and (math.isnan(x) or (math.isinf(x) and not self.allow_inf)):
+            return "must be finite" + (f" and {rule}" if rule else "")
+        inside = ((self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
+                  and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+        return None if inside else f"must be {rule}"
+
+    def note(self) -> str:
+        return f" (or null: {self.null})" if self.null else ""
+
+
+UNBOUNDED = Bounds()
+
+
+def bounds(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None, allow_inf: bool = False, null: str | None = None,
+           length: int | None = None) -> dict[str, Bounds]:
+    """Field metadata declaring a range: ``field(default=0.1, metadata=bounds(ge=0, lt=1))``.
+
+    ``gt``/``ge`` and ``lt``/``le`` are the open/closed lower and upper ends; ``allow_inf``
+    lets a float field hold +-inf (nan never); ``null`` explains ``None`` in the message;
+    ``length`` makes a list field hold exactly that many items, each within the range.
+    """
+    if (gt is not None and ge is not None) or (lt is not None and le is not None):
+        raise TypeError("bounds: give at most one of gt/ge and one of lt/le")
+    return {"bounds": Bounds(gt, ge, lt, le, allow_inf, null, length)}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _float_allowed(tp: Any) -> bool:
+    return tp is float or float in get_args(tp)
+
+
+def check_value(key: str, value: Any, tp: Any, limits: Bounds = UNBOUNDED) -> Any:
+    """``value`` checked against type ``tp`` and ``limits`` (``key`` names it in the message);
+    returns it with ints made floats where ``tp`` wants floats (``lr: 1`` -> ``1.0``).
+
+    Raises ``ValueError``: ``train.lr = 'fast' is invalid: expected float``,
+    ``train.lr = nan must be finite and positive``, ``train.betas[1] = 1.0 must be in [0, 1)``.
+    """
+    if not _type_ok(value, tp):
+        raise ValueError(f"{key} = {short_repr(value)} is invalid: expected {describe_type(tp)}")
+    if value is None:
+        return value
+    if _is_number(value):
+        if isinstance(value, int) and _float_allowed(tp) and int not in get_args(tp):
+            value = float(value)
+        problem = limits.problem(value)
+        if problem:
+            raise ValueError(f"{key} = {value!r} {problem}{limits.note()}")
+        return value
+    if isinstance(value, (list, tuple)):
+        listed = _arm(tp, (list, tuple))
+        items = [a for a in get_args(listed) if a is not Ellipsis] if listed is not None else []
+        if limits.length is not None and len(value) != limits.length:
+            each = f", each {limits.rule()}" if limits.rule() else ""
+            raise ValueError(f"{key} = {short_repr(value)} must hold exactly {limits.length} "
+                             f"numbers{each}")
+        out = [check_value(f"{key}[{i}]", v, items[0] if items else Any, limits)
+               if _is_number(v) else v for i, v in enumerate(value)]
+        return type(value)(out)
+    mapping = _arm(tp, (dict,))
+    if isinstance(value, dict) and mapping is not None and get_args(mapping):
+        values_tp = get_args(mapping)[1]
+        if _float_allowed(values_tp):
+            return {k: check_value(f"{key}.{k}", v, values_tp) for k, v in value.items()}
+    return value
+
+
+def _arm(tp: Any, origins: tuple[type, ...]) -> Any:
+    """The member of union ``tp`` (or ``tp`` itself) whose origin is one of ``origins``."""
+    members = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return next((a for a in members if get_origin(a) in origins), None)
 
 
 def check_fields(obj: Any, section: str) -> None:
-    """Raise ``ValueError`` if any field of dataclass ``obj`` has a value outside its type."""
+    """Raise ``ValueError`` if a field of dataclass ``obj`` has a value outside its type or its
+    declared :func:`bounds` (and any float that is not finite); ints in float fields become
+    floats. ``section`` prefixes the key in messages (``train`` -> ``train.lr``)."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
-        tp = hints[f.name]
-        if not _type_ok(value, tp):
-            raise ValueError(f"{section}.{f.name} = {value!r} is invalid: expected {_describe(tp)}")
-        if get_args(tp) and float in get_args(tp) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(obj, f.name, float(value))
-        elif tp is float and isinstance(value, int):
-            setattr(obj, f.name, float(value))
+        checked = check_value(f"{section}.{f.name}", value, hints[f.name],
+                              f.metadata.get("bounds", UNBOUNDED))
+        if checked is not value:
+            setattr(obj, f.name, checked)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, section: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ``ValueError`` listing the known."""
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"config section {section or cls.__name__} must be a mapping of keys to "
-                         f"values, got {type(data).__name__} {data!r}")
+                         f"values, got {type(data).__name__} {short_repr(data)}")
     data = dict(data or {})
     names = [f.name for f in fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -92,63 +240,66 @@ class ModelConfig:
     cases in the model code.
     """
 
-    vocab_size: int = 8000
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int | None = None          # None: = n_heads; fewer: grouped-query attention
-    d_head: int | None = None              # None: d_model // n_heads (T5 allows others)
-    n_encoder_layers: int = 3
-    n_decoder_layers: int = 3
-    d_ff: int = 1024
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
+    vocab_size: int = field(default=8000, metadata=bounds(gt=0))
+    d_model: int = field(default=256, metadata=bounds(gt=0))
+    n_heads: int = field(default=4, metadata=bounds(gt=0))
+    # fewer than n_heads: grouped-query attention
+    n_kv_heads: int | None = field(default=None, metadata=bounds(gt=0, null="= n_heads"))
+    # T5 allows head sizes other than d_model // n_heads
+    d_head: int | None = field(default=None, metadata=bounds(gt=0, null="d_model // n_heads"))
+    n_encoder_layers: int = field(default=3, metadata=bounds(ge=0))
+    n_decoder_layers: int = field(default=3, metadata=bounds(ge=0))
+    d_ff: int = field(default=1024, metadata=bounds(gt=0))
+    dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    attention_dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     norm: Norm = "layernorm"
     norm_position: NormPosition = "pre"
-    norm_eps: float = 1e-5
+    norm_eps: float = field(default=1e-5, metadata=bounds(gt=0))  # 0: 0/0 for a zero row
     final_norm: bool | None = None         # None: True for pre-norm, False for post-norm
     embedding_norm: bool = False           # BART's layernorm_embedding
     activation: Activation = "gelu"
     bias: bool = True                      # biases in attention and feed-forward projections
     positions: Positions = "learned"
-    max_length: int = 512                  # for sinusoidal / learned position tables
-    position_offset: int = 0               # BART's learned positions start at index 2
-    relative_buckets: int = 32             # T5 relative position bias
-    relative_max_distance: int = 128
-    rope_base: float = 10000.0
+    # for sinusoidal / learned position tables
+    max_length: int = field(default=512, metadata=bounds(gt=0))
+    # BART's learned positions start at index 2
+    position_offset: int = field(default=0, metadata=bounds(ge=0))
+    # T5 relative position bias: fewer than 4 buckets leave a half of the bidirectional
+    # (encoder) buckets no exact distance, and the bucketing divides by zero
+    relative_buckets: int = field(default=32, metadata=bounds(ge=4))
+    relative_max_distance: int = field(default=128, metadata=bounds(gt=0))
+    # wavelengths grow with the dimension only when the base is > 1 (RoFormer: 10000)
+    rope_base: float = field(default=10000.0, metadata=bounds(gt=1))
     scale_attention: bool = True           # False: T5 folds 1/sqrt(d) into its initialisation
     scale_embeddings: bool = False         # multiply embeddings by sqrt(d_model) (Vaswani)
     tie_embeddings: bool = True            # LM head shares the token embedding matrix
     rescale_tied_output: bool = False      # T5: scale decoder output by d_model**-0.5 when tied
     lm_head_bias: bool = False             # BART's final_logits_bias
-    init_std: float | None = None          # None: d_model ** -0.5 (see weight_std)
+    init_std: float | None = field(default=None, metadata=bounds(gt=0, null="d_model ** -0.5"))
     attention_backend: Backend = "auto"
     pad_id: int = 0
     bos_id: int = 2                        # decoder start token
     eos_id: int = 3
 
     def __post_init__(self) -> None:
-        check_fields(self, "model")
-        positive = ("vocab_size", "d_model", "n_heads", "d_ff", "max_length", "relative_buckets",
-                    "relative_max_distance")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} = {getattr(self, name)} must be positive")
-        for name in ("n_encoder_layers", "n_decoder_layers", "position_offset"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.{name} = {getattr(self, name)} must be >= 0")
-        for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name} = {getattr(self, name)} must be in [0, 1)")
+        check_fields(self, "model")   # types and the declared bounds
         if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model}) "
                 "unless model.d_head is set")
-        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_kv_heads ({self.n_kv_heads}) must be positive and divide "
                 f"model.n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head size, got {self.head_dim}")
+        # the decoder's (unidirectional) buckets give distances below buckets // 2 one bucket
+        # each and spread the rest logarithmically up to max_distance, which must lie beyond
+        exact = self.relative_buckets // 2
+        if self.positions == "relative" and self.relative_max_distance <= exact:
+            raise ValueError(
+                f"model.relative_max_distance = {self.relative_max_distance} must be > "
+                f"model.relative_buckets // 2 = {exact} (T5: 32 buckets, max distance 128)")
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(
@@ -186,3 +337,96 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check_memory(self, *, copies: int = 1, dtype: str = "float32",
+                     vocab_size: int | None = None) -> None:
+        """:func:`check_memory` for this config: call it before building the model."""
+        check_memory(self, copies=copies, dtype=dtype, vocab_size=vocab_size)
+
+
+# --- sizes before anything is allocated ----------------------------------------------------
+#: activations with a gate: three d_model x d_ff matrices instead of two (Shazeer 2020)
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+BYTES_PER_PARAMETER = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def parameter_estimate(config: ModelConfig, vocab_size: int | None = None) -> dict[str, int]:
+    """Parameters of ``EncoderDecoder(config)`` by part, computed from the config alone (no
+    module is built): ``embeddings`` (the token table and an untied LM head), ``positions``
+    (learned tables or relative biases of both stacks), ``encoder layers`` and ``decoder
+    layers`` (attention, feed-forward, biases, norms). It leaves out the final and embedding
+    norms (a few vectors of d_model), so it is a close lower bound of the exact
+    :func:`polytask.core.model.transformer.count_parameters`, which needs the module code.
+    ``vocab_size`` replaces the config's (a run's vocabulary comes from its tokenizer)."""
+    c = config
+    d, v = c.d_model, c.vocab_size if vocab_size is None else vocab_size
+    q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    attention = 2 * d * q + 2 * d * kv + c.bias * (q + 2 * kv + d)
+    m = 3 if c.activation in GATED_ACTIVATIONS else 2
+    feedforward = m * d * c.d_ff + c.bias * ((m - 1) * c.d_ff + d)
+    norm = 2 * d if c.norm == "layernorm" else d
+    positions = {"learned": (c.max_length + c.position_offset) * d,
+                 "relative": c.relative_buckets * c.n_heads}.get(c.positions, 0)
+    return {"embeddings": v * d * (1 + (not c.tie_embeddings)) + v * c.lm_head_bias,
+            "positions": 2 * positions,
+            "encoder layers": c.n_encoder_layers * (attention + feedforward + 2 * norm),
+            "decoder layers": c.n_decoder_layers * (2 * attention + feedforward + 3 * norm)}
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, None where ``os.sysconf`` cannot tell."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def format_bytes(n: float) -> str:
+    """``4.1 TB``, ``24 GB``, ``512 bytes`` (powers of 1000)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB", "ZB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} YB"
+
+
+def _culprit(config: ModelConfig, part: str, vocab_size: int | None) -> str:
+    """The config keys behind the largest part of :func:`parameter_estimate`."""
+    c = config
+    if part in ("encoder layers", "decoder layers"):
+        layers = "n_encoder_layers" if part == "encoder layers" else "n_decoder_layers"
+        return (f"{layers} = {getattr(c, layers)}, d_model = {c.d_model}, d_ff = {c.d_ff}, "
+                f"n_heads = {c.n_heads}")
+    if part == "positions":
+        return (f"max_length = {c.max_length}, d_model = {c.d_model}" if c.positions == "learned"
+                else f"relative_buckets = {c.relative_buckets}, n_heads = {c.n_heads}")
+    vocab = c.vocab_size if vocab_size is None else vocab_size
+    return f"vocab_size = {vocab}, d_model = {c.d_model}"
+
+
+def check_memory(config: ModelConfig, *, copies: int = 1, dtype: str = "float32",
+                 vocab_size: int | None = None, memory: int | None = None) -> int:
+    """Refuse a model whose parameters alone exceed this machine's physical memory, before
+    any of it is allocated (``n_encoder_layers: 1000000000`` would otherwise build layers
+    until the machine swaps). Returns the estimated bytes.
+
+    ``copies``: backbones built (a multi-task model builds one per task before sharing picks
+    its modules); ``dtype``: the parameters' (``train.dtype``); ``memory``: the bytes to
+    compare with (default :func:`physical_memory`; no check where it is unknown). Training
+    needs about four times this (weights, gradients, two AdamW moments), so passing is
+    necessary, not sufficient.
+    """
+    parts = parameter_estimate(config, vocab_size)
+    if dtype not in BYTES_PER_PARAMETER:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(BYTES_PER_PARAMETER)}")
+    total = sum(parts.values()) * copies * BYTES_PER_PARAMETER[dtype]
+    memory = physical_memory() if memory is None else memory
+    if memory is not None and total > memory:
+        largest = max(parts, key=parts.get)
+        each = f" x {copies} backbones (one per task)" if copies > 1 else ""
+        raise ValueError(
+            f"model: about {format_bytes(total)} of {dtype} parameters{each}, mostly "
+            f"{largest} ({_culprit(config, largest, vocab_size)}), exceeds this machine's "
+            f"{format_bytes(memory)} of memory; make the model smaller")
+    return total

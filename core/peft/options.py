@@ -1,11 +1,12 @@
 """The options of each PEFT method as a typed dataclass: an unknown option, or a value of the
-wrong type or range, fails naming it and the accepted options (YAML: ``train.peft``)."""
+wrong type or range (every float finite: :func:`polytask.core.model.config.check_fields`),
+fails naming it and the accepted options (YAML: ``train.peft``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from polytask.core.model.config import check_fields
+from polytask.core.model.config import bounds, check_fields
 
 
 def _check_targets(targets: str | list[str], where: str) -> list[str]:
@@ -24,7 +25,8 @@ class LoRAOptions:
 
     targets: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     r: int = 8
-    alpha: float = 16.0
+    # 0 would scale every update to nothing: the adapted layers would never change
+    alpha: float = field(default=16.0, metadata=bounds(gt=0))
     dropout: float = 0.0
 
     def check(self, where: str) -> None:

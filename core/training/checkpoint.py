@@ -1,4 +1,5 @@
-"""Checkpoints that survive a crash at any moment, and load without unpickling anything.
+"""Checkpoints that survive a crash at any moment, load without unpickling anything, and name
+any file that was damaged since it was written.
 
 Layout of a run directory::
 
@@ -7,16 +8,29 @@ Layout of a run directory::
     model.safetensors      the latest model weights (safetensors: tensors only, no code)
     base.json              with ``train.save_base: false`` only: the ``init:`` checkpoint the
                            weight files build on, and the SHA-256 of its weights file(s)
+    manifest.json          SHA-256 and size of the files above (and of ``best.safetensors``,
+                           ``tokenizer/*``) as last written
     metrics.jsonl          one JSON object per logged event
     summary.json           final metrics, written when the run ends
+    .lock                  held by the process writing into the directory (training.lock)
     checkpoints/LATEST     name of the newest complete checkpoint directory
     checkpoints/step-N/    model.safetensors, optim.pt (tensors + plain containers, loaded with
-                           torch.load(weights_only=True)), state.json (step, sampler, RNG ...)
+                           torch.load(weights_only=True)), state.json (step, sampler, RNG ...),
+                           best.safetensors (a hard link: the best weights as of step N) and
+                           manifest.json (SHA-256 and size of each), written last
 
 Every file is written to a temporary name, flushed and fsynced, then renamed over its target
 (POSIX rename is atomic), and a checkpoint directory only becomes visible to ``resume`` when
 ``LATEST`` is switched to it, as the last step. A kill at any moment therefore leaves the
 previous checkpoint intact and loadable.
+
+Integrity: a file that a directory's ``manifest.json`` lists is checked when it is read
+(:func:`read_json`, :func:`load_weights`, :func:`load_checkpoint`); a changed or missing one is
+an :class:`IntegrityError` naming it. A run file's entry is switched in two phases around the
+rename (the new digest is added as ``next``, the file renamed, then the old digest dropped), so
+a kill between them never makes an intact file look damaged. Directories written before
+manifests existed have none and load unchecked. Resuming (:func:`find_checkpoint`) skips
+damaged checkpoints and takes the newest intact one.
 
 A weights file holds the whole model, or — ``names`` in :func:`save_weights`,
 :func:`load_weights` and the checkpoint functions — exactly a named subset of it (a run with
@@ -28,15 +42,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "LATEST"
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("model.safetensors", "optim.pt", "state.json")
+MISMATCH = "SHA-256 mismatch (file damaged or changed since it was written)"
+_STEP = re.compile(r"step-(\d+)")
+
+
+class IntegrityError(ValueError):
+    """A file differs from (or is missing but listed in) its directory's ``manifest.json``."""
+
+
+class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
+    """``torch.load(weights_only=True)`` refused a file: one line for the CLI (ValueError) and
+    still the UnpicklingError that callers of ``torch.load`` catch."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,8 +77,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename ``tmp_path`` over ``path``."""
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, track: bool = False) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename ``tmp_path`` over ``path``. ``track``:
+    record the new bytes in ``path``'s directory's manifest (two-phase, see the module doc)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,29 +93,49 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        files = entry = None
+        if track:
+            entry, files = _entry(Path(tmp)), read_manifest(path.parent) or {}
+            old = files.get(path.name)
+            if old is not None:                     # phase 1: either content is intact
+                if "next" in old and _problem(path, old["next"]) is None:
+                    old = old["next"]               # an earlier write died after its rename
+                files[path.name] = {"sha256": old["sha256"], "size": old["size"], "next": entry}
+                _write_manifest(path.parent, files)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        if track:
+            files[path.name] = entry                # phase 2: only the new content
+            _write_manifest(path.parent, files)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, *, track: bool = False) -> None:
     def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
-    atomic_write(path, w)
+    atomic_write(path, w, track=track)
 
 
 def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``, checked against its directory's manifest; any problem is one
+    ``ValueError`` naming the file."""
     path = Path(path)
+    if path.name != MANIFEST:
+        verify_file(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"missing file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,9 +160,117 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# --- manifests ------------------------------------------------------------------------------
+
+def _entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256(path), "size": path.stat().st_size}
+
+
+def _valid_entry(e: Any, nested: bool = True) -> bool:
+    return (isinstance(e, dict) and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("size"), int) and e["size"] >= 0
+            and ("next" not in e or (nested and _valid_entry(e["next"], False))))
+
+
+def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]] | None:
+    """``directory/manifest.json``'s files (name -> ``{"sha256", "size"[, "next"]}``), or None
+    when the directory has none (written before manifests existed)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(_valid_entry(e) for e in files.values()):
+        raise IntegrityError(f"{path}: not a manifest (expected {{\"files\": {{name: "
+                             f"{{\"sha256\": hex, \"size\": bytes}}}}}}): damaged or edited")
+    return files
+
+
+def _write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    write_json(directory / MANIFEST, {"files": dict(sorted(files.items()))})
+
+
+def _problem(path: Path, entry: dict[str, Any], *, quick: bool = False) -> str | None:
+    """None when ``path`` holds the bytes ``entry`` (or its ``next``) records; else why not.
+    ``quick``: compare sizes only."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    candidates = [entry] + ([entry["next"]] if "next" in entry else [])
+    same_size = [c["sha256"] for c in candidates if c["size"] == size]
+    if same_size and (quick or sha256(path) in same_size):
+        return None
+    return MISMATCH
+
+
+def verify_file(path: str | Path, root: str | Path | None = None) -> bool:
+    """Check ``path`` against ``root/manifest.json`` (default: its own directory's) and raise
+    an :class:`IntegrityError` naming it when it is damaged, or missing but listed. True when
+    checked, False when no manifest lists it. A mismatch is checked once more, since a
+    writer in another process may have been between its rename and its manifest update."""
+    path = Path(path)
+    root = path.parent if root is None else Path(root)
+    name = path.relative_to(root).as_posix()
+    for _ in range(2):
+        entry = (read_manifest(root) or {}).get(name)
+        if entry is None:
+            return False
+        problem = _problem(path, entry)
+        if problem is None:
+            return True
+    where = f" (listed in {root / MANIFEST})" if problem == "missing" else ""
+    raise IntegrityError(f"{path}: {problem}{where}")
+
+
+def verify_listed(root: str | Path, prefix: str) -> None:
+    """:func:`verify_file` every file ``root/manifest.json`` lists under ``prefix``."""
+    for name in sorted(read_manifest(root) or {}):
+        if name.startswith(prefix):
+            verify_file(Path(root) / name, root)
+
+
+def record_files(directory: str | Path, names: Collection[str]) -> None:
+    """Set the manifest entries of ``names`` (paths relative to ``directory``) to the files'
+    current bytes; an absent file's entry is dropped. For files written without
+    :func:`atomic_write`'s ``track`` (a tokenizer directory), or adopted from an older run."""
+    directory = Path(directory)
+    files = read_manifest(directory) or {}
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            files[name] = _entry(path)
+        else:
+            files.pop(name, None)
+    _write_manifest(directory, files)
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete ``path`` and its manifest entry (the entry first: a kill in between leaves an
+    unlisted file, never a listed missing one)."""
+    path = Path(path)
+    files = read_manifest(path.parent)
+    if files is not None and path.name in files:
+        del files[path.name]
+        _write_manifest(path.parent, files)
+    path.unlink(missing_ok=True)
+
+
+def unverified_note(run_dir: str | Path) -> str | None:
+    """A line for stderr when ``run_dir`` has no manifest (an older run): nothing in it can be
+    checked for damage."""
+    run_dir = Path(run_dir)
+    if (run_dir / MANIFEST).is_file() or not run_dir.is_dir():
+        return None
+    return (f"{run_dir} has no {MANIFEST} (written by an older polytask): its files are "
+            "loaded without an integrity check")
+
+
+# --- weights --------------------------------------------------------------------------------
+
 def save_weights(path: str | Path, model: torch.nn.Module,
-                 names: Collection[str] | None = None) -> None:
-    """The model's tensors (:func:`model_state`), or only those in ``names``, as safetensors."""
+                 names: Collection[str] | None = None, *, track: bool = False) -> None:
+    """The model's tensors (:func:`model_state`), or only those in ``names``, as safetensors;
+    ``track``: as :func:`atomic_write`."""
     state = model_state(model)
     if names is not None:
         keep = set(names)
@@ -115,7 +278,7 @@ def save_weights(path: str | Path, model: torch.nn.Module,
         if unknown:
             raise ValueError(f"{path}: not tensors of the model: {', '.join(unknown)}")
         state = {k: v for k, v in state.items() if k in keep}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+    atomic_write(path, lambda tmp: save_file(state, tmp), track=track)
 
 
 def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str, *,
@@ -151,22 +314,61 @@ def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module, source: 
 def load_weights(path: str | Path, model: torch.nn.Module,
                  names: Collection[str] | None = None) -> None:
     """Load safetensors weights; missing, unexpected or mis-shaped tensors are listed. With
-    ``names`` the file must hold exactly those tensors (the rest of ``model`` is kept)."""
+    ``names`` the file must hold exactly those tensors (the rest of ``model`` is kept). The
+    file is checked against its directory's manifest; a mismatch of tensor names or shapes is
+    reported as such (more specific than "damaged"), an unreadable or changed file as
+    damaged when a manifest lists it."""
     path = Path(path)
     if not path.is_file():
+        verify_file(path)   # listed: "missing (listed in ...)"
         raise ValueError(f"missing weights file: {path}")
-    state = load_file(str(path))
+    try:
+        verify_file(path)
+        damage = None
+    except IntegrityError as err:
+        damage = err
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        if damage is not None:
+            raise damage from None
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     source = str(path) if names is None else f"{path} (the trained tensors only)"
     check_state(state, model, source, expected=names)
+    if damage is not None:
+        raise damage
     model.load_state_dict(state, strict=False)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-N`` directory under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)       # free: the run's file is only ever replaced by rename
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
                     tensors: dict[str, Any], state: dict[str, Any], keep: int = 2,
-                    names: Collection[str] | None = None) -> Path:
-    """Write ``checkpoints/step-N`` completely, then switch ``LATEST`` to it. ``names``: the
-    weights files (the checkpoint's and the run's) hold only these tensors."""
-    root = Path(run_dir) / "checkpoints"
+                    names: Collection[str] | None = None,
+                    snapshot: Collection[str] = ()) -> Path:
+    """Write ``checkpoints/step-N`` completely (its manifest last), then switch ``LATEST`` to
+    it, then update the run's ``model.safetensors``, then prune (:func:`_prune`). ``names``:
+    the weights files (the checkpoint's and the run's) hold only these tensors. ``snapshot``:
+    run files kept with the checkpoint as they are now (``best.safetensors``), so a resume
+    from it restores them rather than mixing in ones written later."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
@@ -174,34 +376,168 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         save_weights(tmp / "model.safetensors", model, names)
         atomic_write(tmp / "optim.pt", lambda p: torch.save(tensors, p))
         write_json(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
+        files = {n: _entry(tmp / n) for n in CHECKPOINT_FILES}
+        recorded = read_manifest(run_dir) or {}
+        for name in snapshot:
+            if (run_dir / name).is_file():
+                _link_or_copy(run_dir / name, tmp / name)
+                # the digest the run recorded: a copy damaged since then fails at resume
+                known = recorded.get(name)
+                files[name] = ({"sha256": known["sha256"], "size": known["size"]}
+                               if known and "next" not in known else _entry(tmp / name))
+        _write_manifest(tmp, files)
+        _fsync_dir(tmp)
+        aside = root / f".step-{step:08d}.replaced"
+        if final.exists():   # the same step saved again: move the old one aside first
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     atomic_write(root / LATEST, lambda p: Path(p).write_text(final.name))
-    save_weights(Path(run_dir) / "model.safetensors", model, names)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_weights(run_dir / "model.safetensors", model, names, track=True)
+    _prune(root, step, keep)
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
+def _prune(root: Path, newest: int, keep: int) -> None:
+    """Delete the checkpoints that ``step-<newest>`` (complete, named by ``LATEST``)
+    supersedes: any numbered after it (left by a run that was resumed from an earlier one)
+    and all but the ``keep - 1`` newest before it that look intact (sizes as recorded; a
+    damaged one is never kept in place of an intact one)."""
+    kept = 1
+    for step, path in _step_dirs(root):
+        if step == newest:
+            continue
+        if step < newest and kept < keep and checkpoint_problem(path, quick=True) is None:
+            kept += 1
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_problem(path: str | Path, *, quick: bool = False) -> str | None:
+    """None when checkpoint directory ``path`` is intact (every file its manifest lists holds
+    the recorded bytes; without a manifest — an older run — its files are present), else
+    what is wrong, e.g. ``is damaged (model.safetensors: SHA-256 mismatch)``. ``quick``:
+    sizes only."""
+    path = Path(path)
+    if not path.is_dir():
+        return "is missing"
+    try:
+        files = read_manifest(path)
+    except ValueError:
+        return f"is damaged ({MANIFEST} unreadable)"
+    if files is None:
+        absent = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        return f"is incomplete (no {', '.join(absent)})" if absent else None
+    unlisted = [n for n in CHECKPOINT_FILES if n not in files]
+    if unlisted:
+        return f"is damaged ({MANIFEST} does not list {', '.join(unlisted)})"
+    for name, entry in sorted(files.items()):
+        problem = _problem(path / name, entry, quick=quick)
+        if problem is not None:
+            return f"is damaged ({name}: {problem.split(' (')[0]})"
+    return None
+
+
+def _latest_name(root: Path, notes: list[str]) -> str | None:
+    """The checkpoint name in ``LATEST`` if it is one (``step-N``, nothing outside ``root``)."""
+    pointer = root / LATEST
+    if not pointer.exists():
+        if _step_dirs(root):
+            notes.append(f"checkpoints/{LATEST} is missing")
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        notes.append(f"checkpoints/{LATEST} is unreadable ({_first_line(err)})")
+        return None
+    if not _STEP.fullmatch(name):
+        notes.append(f"checkpoints/{LATEST} names {name[:60]!r}, not a checkpoint of this run")
+        return None
+    return name
+
+
+def find_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and a note for each one passed over: the one ``LATEST``
+    names when it is intact, else the newest intact ``checkpoints/step-N`` (a checkpoint
+    becomes ``step-N`` only when complete, so one newer than ``LATEST`` is complete too).
+    None when there is no intact one; the notes then say what was found."""
+    root = Path(run_dir) / "checkpoints"
+    notes: list[str] = []
+    named = _latest_name(root, notes)
+    if named is not None:
+        problem = checkpoint_problem(root / named)
+        if problem is None:
+            return root / named, notes
+        notes.append(f"checkpoints/{named} (named by {LATEST}) {problem}")
+    for _, path in _step_dirs(root):
+        if path.name == named:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, notes
+        notes.append(f"checkpoints/{path.name} {problem}")
+    return None, notes
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint of ``run_dir`` (:func:`find_checkpoint`), or None."""
+    return find_checkpoint(run_dir)[0]
+
+
+def holds_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` has any checkpoint, intact or not, or a ``LATEST``."""
+    root = Path(run_dir) / "checkpoints"
+    return (root / LATEST).exists() or bool(_step_dirs(root))
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     names: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model weights (only ``names``, when given); return (tensor state, JSON state).
     Nothing is unpickled: ``optim.pt`` is read with ``weights_only=True``, which refuses
-    arbitrary objects."""
+    arbitrary objects (and is safe on any bytes, so it runs before the digest check: a
+    refused file is reported as refused). Every file is checked against the manifest."""
     path = Path(path)
+    optim = path / "optim.pt"
+    try:
+        tensors = torch.load(optim, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        verify_file(optim)
+        raise ValueError(f"missing file: {optim}") from None
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(f"{optim}: refused by torch.load(weights_only=True) "
+                                    f"({_first_line(err)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        verify_file(optim)
+        raise ValueError(f"{optim}: not a readable torch file ({_first_line(err)})") from None
+    verify_file(optim)
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{optim}: holds a {type(tensors).__name__}, not a dict of states")
     load_weights(path / "model.safetensors", model, names)
-    tensors = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     return tensors, read_json(path / "state.json")
+
+
+def remove_leftovers(run_dir: str | Path) -> tuple[int, int]:
+    """Delete what killed writes leave behind: ``.NAME.XXXX.tmp`` files of
+    :func:`atomic_write` in the run directory and ``checkpoints/``, and unfinished
+    ``checkpoints/.step-N.XXXX`` directories of :func:`save_checkpoint`. Only the holder of
+    the run's lock may call this (another writer's temporary files are not leftovers).
+    Returns (how many, bytes freed)."""
+    run_dir = Path(run_dir)
+    found = [p for d in (run_dir, run_dir / "checkpoints") if d.is_dir()
+             for p in d.glob(".*.tmp") if p.is_file()]
+    found += [p for p in (run_dir / "checkpoints").glob(".step-*") if p.is_dir()]
+    freed = 0
+    for p in found:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        # a hard link (a checkpoint's best.safetensors) frees nothing while the run holds it
+        freed += sum(st.st_size for f in files if (st := f.lstat()).st_nlink == 1)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(found), freed

@@ -64,6 +64,31 @@ class SplitGradients:
                 p.grad = total if p.grad is None else p.grad + total
 
 
+def merge(splits: Sequence[SplitGradients], order: Sequence[str]) -> SplitGradients:
+    """The per-task gradients of several micro-batches of one optimizer step, summed task by task
+    (a task present in some micro-batches only gets what those gave), with the tasks in
+    ``order`` (the run's). The weighting then combines the step's gradients once, as it would
+    for one large batch: a method that normalises gradients or keeps moving averages would
+    otherwise act ``grad_accum`` times per step."""
+    if len(splits) == 1:
+        return splits[0]
+    first = splits[0]
+    names = [n for n in order if any(n in s.task.names for s in splits)]
+    matrix = first.task.matrix.new_zeros(len(names), first.task.matrix.shape[1])
+    losses = torch.zeros(len(names), dtype=torch.float64)
+    private: list[list[Tensor | None]] = [[None] * len(first.private) for _ in names]
+    for split in splits:
+        for i, name in enumerate(split.task.names):
+            row = names.index(name)
+            matrix[row] += split.task.matrix[i]
+            losses[row] += split.task.losses[i]
+            for j, g in enumerate(split.private_grads[i]):
+                if g is not None:
+                    private[row][j] = g if private[row][j] is None else private[row][j] + g
+    task = TaskGradients(names, matrix, first.task.params, losses, first.task.last_shared)
+    return SplitGradients(task, first.private, private)
+
+
 def split_backward(task_losses: dict[str, TaskLoss], shared: Sequence[Tensor],
                    private: Sequence[Tensor], *, reduce: GradientReducer | None = None,
                    last_shared: Sequence[Tensor] | None = None,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polytask.core.accelerate import accelerated
-from polytask.core.training.checkpoint import model_state
+from polytask.core.training.checkpoint import model_state, record_files, remove_file
 from polytask.experiments.cli import main
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, predict
@@ -143,12 +143,15 @@ def test_weights_choose_the_file(run, tmp_path):
     shutil.copytree(run, other)
     last = load_file(str(other / "model.safetensors"))
     save_file({k: v + 1.0 for k, v in last.items()}, str(other / "best.safetensors"))
+    record_files(other, ["best.safetensors"])   # the run's manifest: the new file is meant
     for weights, want in ((None, "best"), ("best", "best"), ("last", "model")):
         kw = {} if weights is None else {"weights": weights}
         state = model_state(load_run(other, **kw)[3])
         expected = load_file(str(other / f"{want}.safetensors"))
         assert all(torch.equal(state[k], v) for k, v in expected.items())
-    (other / "best.safetensors").unlink()
+    # a run that never validated (no best file, no summary naming a best step)
+    remove_file(other / "best.safetensors")
+    (other / "summary.json").unlink()
     state = model_state(load_run(other)[3])
     assert all(torch.equal(state[k], v) for k, v in last.items())
 
@@ -162,7 +165,8 @@ def test_eval_default_is_the_summary_score(run, capsys):
 def test_cli_notes_a_missing_best(run, tmp_path, capsys):
     other = tmp_path / "run"
     shutil.copytree(run, other)
-    (other / "best.safetensors").unlink()
+    remove_file(other / "best.safetensors")   # a run that never validated
+    (other / "summary.json").unlink()
     assert main(["generate", str(other), "--task", "parity", "--input", "1 0 1"]) == 0
     captured = capsys.readouterr()
     assert "has no best.safetensors (it never validated); using model.safetensors" in captured.err
@@ -206,6 +210,8 @@ def test_cli_batch_jsonl(run, loaded, tmp_path, capsys):
     (["--task", "copy", "--input", "1", "--output", "o.jsonl"], "--output needs --input-file"),
     (["--task", "copy"], "one of the arguments --input --input-file is required"),
     (["--task", "copy", "--input", "1", "--weights", "first"], "invalid choice: 'first'"),
+    (["--task", "copy", "--input", "1", "--max-new-tokens", "100000"],
+     "--max-new-tokens 100000 exceeds model.max_length = 512 of the run's learned positions"),
 ])
 def test_cli_errors_are_one_line(run, extra, message, capsys):
     assert main(["generate", str(run), *extra]) == 2

@@ -10,7 +10,7 @@ import pytest
 from polytask.experiments import report
 from polytask.experiments.cli import main
 from polytask.experiments.config import load_config
-from polytask.experiments.runs import resolve_tasks, train_run
+from polytask.experiments.runs import evaluate_run, resolve_tasks, train_run
 from polytask.experiments.suite import split_sizes
 
 ROOT = Path(__file__).parents[2]
@@ -138,7 +138,10 @@ def test_test_examples_must_be_positive():
 
 def test_eval_of_an_unknown_split_is_an_error(runs, capsys):
     tmp, _, _ = runs
-    assert main(["eval", str(tmp / "a"), "--split", "bogus"]) == 2
+    assert main(["eval", str(tmp / "a"), "--split", "bogus"]) == 2   # refused before loading
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["polytask: error: no task of this run has a 'bogus' split; splits: "
-                   "train, validation, test"]
+    assert err == ["polytask: error: polytask eval: argument --split: invalid choice: 'bogus' "
+                   "(choose from 'train', 'validation', 'test')"]
+    with pytest.raises(ValueError, match="no task of this run has a 'bogus' split; splits: "
+                       "train, validation, test"):   # the library's own check
+        evaluate_run(tmp / "a", split="bogus")

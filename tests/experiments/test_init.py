@@ -184,3 +184,19 @@ def test_init_from_a_polytask_run(checkpoints, task_files, tmp_path):
         for name in ("echo", "rank"):
             torch.testing.assert_close(model.eval().for_task(name)(src, tgt), want)
     assert (tmp_path / "second" / "tokenizer").is_dir()
+
+
+def test_init_from_a_run_that_trained_its_own_tokenizer(tmp_path):
+    """A from-scratch run builds its model with its trained tokenizer's vocabulary, whatever its
+    config's ``model.vocab_size`` says; ``init:`` from it takes the tokenizer's ids (this failed
+    with "the weights have vocab_size = 64 where its config.json gives 8000")."""
+    tiny = Path(__file__).parents[2] / "experiments" / "configs" / "tiny.yaml"
+    from polytask.experiments.config import load_config
+    small = ["data.eval_examples=2", "train.eval_every=1", "train.save_every=1",
+             "train.max_steps=1"]
+    first = tmp_path / "first"
+    train_run(load_config(tiny, small), first, progress=False)
+    cfg = load_config(tiny, small + [f"init={first}"])   # tiny's model: the checkpoint's
+    assert cfg.model.vocab_size == 64 != RunConfig().model.vocab_size
+    train_run(cfg, tmp_path / "second", progress=False)
+    assert (tmp_path / "second" / "summary.json").is_file()
