@@ -5,6 +5,8 @@
     polytask bench decode                cached greedy decoding vs HF generate
     polytask bench triton                Triton flash attention on a GPU
     polytask bench memory [--tasks ...]  peak memory of a training step under each task weighting
+    polytask bench weighting [--tasks 2 4 8 16] [--methods ...]  step time and peak memory of
+                                         every task weighting relative to static, at k tasks
     polytask bench all                   attention, train, decode and memory
 
 Timings are never asserted in tests; figures are recorded in docs/benchmarks.md.
@@ -21,7 +23,9 @@ SUBCOMMANDS = {
     "decode": "polytask.experiments.bench.decode",
     "triton": "polytask.experiments.bench.triton_gpu",
     "memory": "polytask.experiments.bench.memory",
+    "weighting": "polytask.experiments.bench.weighting",
 }
+NOT_IN_ALL = ("triton", "weighting")   # a GPU's; tens of minutes on a CPU
 
 
 def emit(result: dict[str, Any], table: str, json_path: str | None) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"polytask bench all takes no options (got {' '.join(rest)}); run the "
                          "benchmarks one by one to pass options")
     for n in names:
-        if name == "all" and n == "triton":
+        if name == "all" and n in NOT_IN_ALL:
             continue
         result = importlib.import_module(SUBCOMMANDS[n]).main(rest)
         if isinstance(result, int) and result:  # some benchmarks return their figures
