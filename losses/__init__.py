@@ -7,7 +7,10 @@ registered name::
     weighting = losses.get_weighting("gradnorm")(task_names, alpha=1.5)
 
 Built-in losses: ``ce``, ``generative``, ``adversarial``, ``orthogonality``, ``soft_sharing``.
-Built-in weightings: ``static``, ``uncertainty``, ``gradnorm``, ``dwa``, ``pcgrad``, ``famo``.
+Built-in weightings: ``static``, ``uncertainty``, ``dwa``, ``famo``, ``rlw`` (on the losses);
+``gradnorm``, ``pcgrad``, ``mgda`` (+ ``mgda_ub``), ``cagrad``, ``nash_mtl``, ``imtl``,
+``gradvac``, ``graddrop``, ``aligned_mtl``, ``upgrad``, ``db_mtl`` (on per-task gradients; see
+:mod:`polytask.losses.weighting`).
 """
 
 if not __name__.startswith("polytask."):  # the checkout's folder imported under its bare name

@@ -4,7 +4,8 @@ for the interface; each method lives in its own file and registers itself by nam
 Objective-style (weights on the losses): ``static``, ``uncertainty``, ``dwa``, ``famo``, ``rlw``.
 On per-task gradients (:class:`GradientWeighting`): ``gradnorm``, ``pcgrad``, ``mgda``,
 ``cagrad``, ``nash_mtl``, ``imtl``, ``gradvac``, ``graddrop``, ``aligned_mtl``, ``upgrad``,
-``db_mtl``.
+``db_mtl``, and ``mgda_ub`` (MGDA's representation-gradient approximation). The training loop
+forms their per-task gradients in one pass (:mod:`polytask.losses.weighting.engine`).
 """
 from polytask.losses.weighting.base import (GradientWeighting, TaskGradients, Weighting,
                                             task_gradients)
@@ -19,7 +20,7 @@ from polytask.losses.weighting.gradvac import GradVac
 from polytask.losses.weighting.imtl import IMTL
 from polytask.losses.weighting.mgda import MGDA
 from polytask.losses.weighting.nash_mtl import NashMTL
-from polytask.losses.weighting.pcgrad import PCGrad, project_conflicting
+from polytask.losses.weighting.pcgrad import PCGrad, pcgrad_coefficients, project_conflicting
 from polytask.losses.weighting.rlw import RandomLossWeighting
 from polytask.losses.weighting.static import StaticWeighting
 from polytask.losses.weighting.uncertainty import UncertaintyWeighting
@@ -27,5 +28,5 @@ from polytask.losses.weighting.upgrad import UPGrad
 
 __all__ = ["Weighting", "GradientWeighting", "TaskGradients", "task_gradients", "AlignedMTL",
            "CAGrad", "DBMTL", "DynamicWeightAverage", "FAMO", "GradDrop", "GradNorm", "GradVac",
-           "IMTL", "MGDA", "NashMTL", "PCGrad", "project_conflicting", "RandomLossWeighting",
+           "IMTL", "MGDA", "NashMTL", "PCGrad", "pcgrad_coefficients", "project_conflicting", "RandomLossWeighting",
            "StaticWeighting", "UncertaintyWeighting", "UPGrad"]

@@ -75,12 +75,15 @@ class DBMTL(GradientWeighting):
         self.steps = self.steps.index_add(0, idx, torch.ones_like(idx))
         rate = (self.beta / self.steps[idx].double() ** self.beta_sigma).to(m)
         inverse = 1.0 / (grads.losses.to(m.device) + self.eps)            # d log(L + eps) / dL
-        log_grads = m * inverse.to(m)[:, None]
-        ema = self.momentum[idx.to(m.device)].to(m)
-        ema = log_grads + rate[:, None] * (ema - log_grads)
-        new = self.momentum.clone()
-        new[idx.to(m.device)] = ema.to(new)
-        self.momentum = new
-        norms = ema.norm(dim=1)
-        alpha = norms.max() / (norms + self.eps)
-        return alpha @ ema, inverse
+        # ema <- log_grad + rate (ema - log_grad) = rate ema + (1 - rate) grad / (L + eps),
+        # row by row in place: no k x P temporaries next to the k x P state
+        rows = idx.tolist()
+        with torch.no_grad():
+            for i, j in enumerate(rows):
+                self.momentum[j].mul_(rate[i]).add_(m[i], alpha=float((1 - rate[i]) * inverse[i]))
+            norms = torch.stack([self.momentum[j].norm() for j in rows])
+            alpha = norms.max() / (norms + self.eps)
+            update = torch.zeros_like(m[0])
+            for a, j in zip(alpha.tolist(), rows):
+                update.add_(self.momentum[j].to(m), alpha=a)
+        return update, inverse

@@ -110,8 +110,8 @@ def split_backward(task_losses: dict[str, TaskLoss], shared: Sequence[Tensor],
         raise ValueError("per-task gradients need at least one shared parameter")
     is_finite = is_finite or (lambda loss: bool(torch.isfinite(loss)))
     sizes = [p.numel() for p in shared]
-    matrix = torch.zeros(len(task_losses), sum(sizes), dtype=shared[0].dtype,
-                         device=shared[0].device)
+    matrix = torch.empty(len(task_losses), sum(sizes), dtype=shared[0].dtype,
+                         device=shared[0].device)   # every row is written below
     names: list[str] = []
     losses: list[float] = []
     private_grads: list[list[Tensor | None]] = []
@@ -121,10 +121,16 @@ def split_backward(task_losses: dict[str, TaskLoss], shared: Sequence[Tensor],
             continue
         if not is_finite(loss):
             return None
-        grads = torch.autograd.grad(loss, [*shared, *private], allow_unused=True)
+        params = [*shared, *private]
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        else:   # every parameter this task reaches is frozen: a zero gradient everywhere
+            grads = (None,) * len(params)
         offset, row = 0, matrix[len(names)]
         for g, n in zip(grads, sizes):
-            if g is not None:
+            if g is None:    # a parameter this task does not reach
+                row[offset:offset + n].zero_()
+            else:
                 row[offset:offset + n] = g.reshape(-1)
             offset += n
         names.append(name)

@@ -35,13 +35,21 @@ from polytask.losses.weighting.base import (GradientReducer, GradientWeighting, 
                                             TaskGradients)
 
 
-def sign_dropout(matrix: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
-    """GradDrop's update (eq. 1-3) for ``(k, P)`` gradients and ``(P,)`` uniform draws."""
-    total = matrix.abs().sum(dim=0)
-    purity = torch.where(total > 0, 0.5 * (1 + matrix.sum(dim=0) / total.where(total > 0, 1)),
-                         torch.full_like(total, 0.5))
-    keep = (purity > uniform) & (matrix > 0) | (purity < uniform) & (matrix < 0)
-    return ((leak + (1 - leak) * keep.to(matrix.dtype)) * matrix).sum(dim=0)
+def sign_dropout(matrix: Tensor, uniform: Tensor, leak: float = 0.0,
+                 chunk: int = 1 << 16) -> Tensor:
+    """GradDrop's update (eq. 1-3) for ``(k, P)`` gradients and ``(P,)`` uniform draws.
+
+    Every quantity is per column, so the columns are processed ``chunk`` at a time: the
+    temporaries (masks, products) are ``k x chunk``, not another few copies of ``k x P``."""
+    out = matrix.new_empty(matrix.shape[1])
+    for start in range(0, matrix.shape[1], chunk):
+        m, u = matrix[:, start:start + chunk], uniform[start:start + chunk]
+        total = m.abs().sum(dim=0)
+        purity = torch.where(total > 0, 0.5 * (1 + m.sum(dim=0) / total.where(total > 0, 1)),
+                             torch.full_like(total, 0.5))
+        keep = (purity > u) & (m > 0) | (purity < u) & (m < 0)
+        out[start:start + chunk] = ((leak + (1 - leak) * keep.to(m.dtype)) * m).sum(dim=0)
+    return out
 
 
 @register_weighting("graddrop")

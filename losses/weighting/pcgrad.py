@@ -38,6 +38,25 @@ def project_conflicting(grads: Tensor, generator: torch.Generator | None = None)
     return projected.sum(dim=0)
 
 
+def pcgrad_coefficients(gramian: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The same surgery on the ``(k, k)`` Gramian ``G = g g^T`` alone: ``(k,)`` coefficients c
+    with ``c @ g == project_conflicting(g)`` (same random order for the same generator state).
+
+    Every projected g_i^PC stays a combination ``sum_j C_ij g_j`` of the original gradients, and
+    everything the projection tests and subtracts is an inner product: ``<g_i^PC, g_j> =
+    (C G)_ij`` and ``||g_j||^2 = G_jj``. So PCGrad needs k^2 numbers instead of a k x P copy of
+    the gradients, and runs unchanged on sharded parameters (the Gramian sums over shards)."""
+    k = gramian.shape[0]
+    C = torch.eye(k, dtype=gramian.dtype, device=gramian.device)
+    for i in range(k):
+        others = [j for j in torch.randperm(k, generator=generator).tolist() if j != i]
+        for j in others:
+            dot = C[i] @ gramian[:, j]
+            if dot < 0:
+                C[i, j] -= dot / gramian[j, j]
+    return C.sum(dim=0)
+
+
 @register_weighting("pcgrad")
 class PCGrad(Seeded, GradientWeighting):
     """Args:
@@ -55,4 +74,7 @@ class PCGrad(Seeded, GradientWeighting):
     def combine(self, grads: TaskGradients) -> tuple[Tensor, Tensor]:
         """The projected sum on the shared parameters; weight 1 for every task elsewhere."""
         weights = torch.ones(len(grads.names), dtype=torch.float64, device=grads.matrix.device)
-        return project_conflicting(grads.matrix, self.generator), weights
+        # on the Gramian (k^2 numbers, no copy of the (k, P) gradients); equal to
+        # project_conflicting(grads.matrix, self.generator) up to rounding
+        c = pcgrad_coefficients(grads.gramian(), self.generator)
+        return c.to(grads.matrix) @ grads.matrix, weights

@@ -153,3 +153,16 @@ def test_one_pass_equals_k_autograd_calls_cuda():
     _, expected = _reference(model, objective, batch, shared)
     split = _one_pass(model, objective, batch, shared, private)
     torch.testing.assert_close(split.task.matrix, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_task_that_reaches_only_frozen_parameters_gives_zeros():
+    """With the classifier head and the encoder frozen, the classifier task's loss has no graph
+    to the trainable parameters: its row is zero (``autograd.grad`` would raise)."""
+    model, objective = _model("hard")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("slots.decoder") or "decoder" in name)
+    shared, private = _shared_private(model)
+    batch = make_batch([0, 1, 2, 1])
+    split = _one_pass(model, objective, batch, shared, private)
+    row = split.task.names.index("cls")
+    assert not split.task.matrix[row].any() and split.task.matrix.abs().sum() > 0

@@ -822,3 +822,18 @@ def test_only_imtl_l_scales_are_optimizer_parameters():
     assert len(list(make("imtl", 3, mode="g").parameters())) == 0
     for name in set(NEW) - {"imtl"}:
         assert len(list(make(name, 3).parameters())) == 0, name
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pcgrad_on_the_gramian_equals_pcgrad_on_the_vectors(k, seed):
+    """PCGrad's weighting runs on the Gramian (k^2 numbers); the vector form is the paper's
+    Algorithm 1. Same generator state, same update; a zero gradient row included."""
+    from polytask.losses.weighting.pcgrad import pcgrad_coefficients, project_conflicting
+    g = torch.randn(k, 50, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g[-1] = 0.0 if seed == 2 else g[-1]
+    c = pcgrad_coefficients(g @ g.T, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(c @ g, project_conflicting(g, torch.Generator().manual_seed(seed)),
+                               rtol=1e-10, atol=1e-12)
+    # where two gradients conflict, some projection acted (c is not all ones)
+    assert bool(((g @ g.T) < 0).any()) == (not torch.allclose(c, torch.ones_like(c)))
