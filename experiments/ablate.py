@@ -301,6 +301,7 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:
     rows, curves, summaries, labelled = [], {}, [], []
     names: dict[str, str] = {}
+    gradients: dict[str, list] = {}   # setting -> [(seed, run, gradient events, last step)]
     for name, combo, seed, cfg in runs:
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         summaries.append(summary)
@@ -312,6 +313,8 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
                          "metric": names.get(task, "average"), "value": f"{value:.4f}",
                          **{k: v for k, v in combo.items()}})
         curves.setdefault(label, []).append(report.read_curve(out / "runs" / name / "metrics.jsonl"))
+        gradients.setdefault(label, []).append(
+            (seed, name, *report.read_gradients(out / "runs" / name / "metrics.jsonl")))
     paths = {"results": out / "results.csv", "table": out / "table.md",
              "bars": out / "metrics.png", "curves": out / "training_curves.png"}
     fieldnames = ["combination", "seed", "run", "task", "metric", "value"] + \
@@ -330,4 +333,5 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
         paths["templates"].write_text(templates)
     report.plot_bars(csv_rows, paths["bars"])
     report.plot_curves(curves, paths["curves"])
+    paths.update(report.write_conflicts(gradients, out))   # only the files it wrote
     return paths

@@ -27,9 +27,10 @@ from polytask.core.data.tokenizer import TextTokenizer, Tokenizer
 from polytask.core.interop import from_hf, weight_files
 from polytask.core.model.transformer import EncoderDecoder
 from polytask.core.peft import describe_counts, parameter_counts, unwrap_lora
-from polytask.core.training.checkpoint import (atomic_write, load_weights, read_json,
-                                               record_files, sha256, unverified_note,
-                                               verify_file, verify_listed, write_json)
+from polytask.core.training.checkpoint import load_weights
+from polytask.core.training.manifest import (atomic_write, read_json, record_files, sha256,
+                                             unverified_note, verify_file, verify_listed,
+                                             write_json)
 from polytask.core.training import distributed
 from polytask.core.training.optim import lr_lambda, make_optimizer
 from polytask.experiments.adapt import adapt, weight_names

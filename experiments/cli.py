@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> None:
     from polytask.experiments.config import load_config
     from polytask.experiments.runs import train_run
-    from polytask.experiments.train import resume_config
+    from polytask.experiments.resume import resume_config
 
     if args.resume:
         # argparse puts a first key=value into CONFIG: with --resume every positional is one

@@ -46,6 +46,7 @@ from polytask.core.model.config import ModelConfig, bounds, check_fields, from_d
 from polytask.experiments.suite import load_suite
 from polytask.heads.config import SharingConfig
 from polytask.losses import LOSSES, WEIGHTINGS
+from polytask.losses.weighting import GradientWeighting
 
 
 @dataclass
@@ -291,6 +292,10 @@ def plain_copy(data: Any, where: str = "config") -> Any:
 
 SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train", "init")
 
+#: built-in sharing strategies whose plans share no parameter among tasks (a gradient
+#: weighting has nothing to combine there)
+SHARES_NOTHING = ("none", "soft")
+
 #: model keys that may differ from an ``init:`` checkpoint's
 MAY_DIFFER = ("dropout", "attention_dropout", "attention_backend")
 
@@ -431,6 +436,12 @@ class RunConfig:
                              f"known: {', '.join(WEIGHTINGS.names())}")
         WEIGHTINGS.check_options(method, self.weighting.options, "weighting.options",
                                  positional=1)   # after the task names
+        if (self.sharing.strategy in SHARES_NOTHING
+                and issubclass(WEIGHTINGS.get(method), GradientWeighting)):
+            raise ValueError(f"weighting.method = {method!r} combines the task gradients of the "
+                             f"shared parameters, but sharing.strategy = "
+                             f"{self.sharing.strategy!r} shares none; use a weighting of the "
+                             f"losses (static, uncertainty, dwa, famo, rlw) or share parameters")
         self.model.check_memory(copies=len(specs), dtype=self.train.dtype,
                                 vocab_size=None if self.init else self.data.vocab_size)
 

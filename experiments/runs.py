@@ -21,14 +21,15 @@ from polytask.core.data.tokenizer import Tokenizer
 from polytask.core.decoding.generation import METHODS, generate
 from polytask.core.export import export_model
 from polytask.core.peft import unwrap_lora
-from polytask.core.training.checkpoint import (load_weights, read_json, unverified_note,
-                                               verify_file)
+from polytask.core.training.checkpoint import load_weights
+from polytask.core.training.manifest import read_json, unverified_note, verify_file
 from polytask.core.data.task_data import TaskData
 from polytask.experiments.adapt import adapt, weight_names
 from polytask.experiments.build import build_run, resolve_tasks  # noqa: F401 (resolve_tasks: public here too)
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, evaluate
-from polytask.experiments.train import read_run_config, train
+from polytask.experiments.resume import read_run_config
+from polytask.experiments.train import train
 from polytask.heads.model import DECODER_HEADS, MultiTaskModel
 
 

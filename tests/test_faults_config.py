@@ -507,3 +507,15 @@ def test_task_weight_is_the_static_weight_and_refused_elsewhere(tmp_path):
     with pytest.raises(ValueError, match=rf"tasks\[{specs[0]['name']}\]\.weight = 2\.5 applies "
                                          r"with weighting\.method: static only; 'pcgrad'"):
         _weighting_of({**base, "weighting": {"method": "pcgrad"}}, tmp_path / "b")
+
+
+@pytest.mark.parametrize("strategy", ["none", "soft"])
+def test_a_gradient_weighting_without_shared_parameters_is_refused_at_load(strategy):
+    """``pcgrad`` with a plan that shares nothing used to fail inside the run (``per-task
+    gradients need at least one shared parameter``), partway through an ablation grid."""
+    tiny = Path(__file__).parents[1] / "experiments" / "configs" / "tiny.yaml"
+    from polytask.experiments.config import load_config
+    with pytest.raises(ValueError, match=rf"weighting.method = 'pcgrad' combines .* "
+                                         rf"sharing.strategy = '{strategy}' shares none"):
+        load_config(tiny, ["weighting.method=pcgrad", f"sharing.strategy={strategy}"])
+    load_config(tiny, ["weighting.method=uncertainty", f"sharing.strategy={strategy}"])

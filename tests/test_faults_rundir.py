@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from polytask.core.training.checkpoint import LATEST, latest_checkpoint, record_files
+from polytask.core.training.checkpoint import LATEST, latest_checkpoint
+from polytask.core.training.manifest import record_files
 from polytask.experiments.cli import main
 from polytask.experiments.config import load_config
 from polytask.experiments.runs import train_run
@@ -261,7 +262,7 @@ def test_a_huge_metrics_bytes_neither_grows_the_file_nor_loses_lines(run, full, 
 
 def test_a_kill_inside_a_tracked_write_never_looks_like_damage(tmp_path, monkeypatch):
     """Between the manifest's two phases either content of the file counts as intact."""
-    from polytask.core.training import checkpoint
+    from polytask.core.training import manifest as checkpoint   # tracked writes live there
     target = tmp_path / "config.json"
     checkpoint.write_json(target, {"v": 1}, track=True)
     real_replace, real_write = os.replace, checkpoint._write_manifest

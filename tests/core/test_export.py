@@ -72,7 +72,8 @@ def test_check_detects_a_mismatch(exported):
 
 
 def test_export_run_directory(tmp_path):
-    from polytask.core.training.checkpoint import save_weights, write_json
+    from polytask.core.training.checkpoint import save_weights
+    from polytask.core.training.manifest import write_json
     from polytask.experiments.build import build_run as setup
     from polytask.experiments.config import load_config
     from polytask.experiments.runs import resolve_tasks

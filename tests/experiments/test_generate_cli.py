@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from polytask.core.accelerate import accelerated
-from polytask.core.training.checkpoint import model_state, record_files, remove_file
+from polytask.core.training.checkpoint import model_state
+from polytask.core.training.manifest import record_files, remove_file
 from polytask.experiments.cli import main
 from polytask.experiments.config import RunConfig
 from polytask.experiments.evaluate import eval_options, predict

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from polytask.core.training.checkpoint import (atomic_write, latest_checkpoint, load_checkpoint, load_weights,
+from polytask.core.training.checkpoint import (latest_checkpoint, load_checkpoint, load_weights,
                              save_checkpoint, save_weights)
+from polytask.core.training.manifest import atomic_write
 
 
 class Tied(nn.Module):
