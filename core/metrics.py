@@ -139,6 +139,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]
     return 100.0 * total / len(predictions)
 
 
+# Each is higher-better; a lower-better metric added here must also be listed in
+# polytask.experiments.stats.LOWER_IS_BETTER (the report signs its relative changes by it).
 METRICS: dict[str, MetricFn] = {
     "accuracy": accuracy,
     "macro_f1": macro_f1,

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from polytask.core.training.checkpoint import latest_checkpoint
 from polytask.core.training.lock import LOCK as RUN_LOCK, hold as hold_run_dir
-from polytask.experiments import report
+from polytask.experiments import plots, report
 from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
 from polytask.experiments.runs import metric_names, train_run
 
@@ -299,7 +299,7 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
 
 
 def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:
-    rows, curves, summaries, labelled = [], {}, [], []
+    rows, summaries, labelled = [], [], []
     names: dict[str, str] = {}
     gradients: dict[str, list] = {}   # setting -> [(seed, run, gradient events, last step)]
     for name, combo, seed, cfg in runs:
@@ -312,11 +312,9 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
             rows.append({"combination": label, "seed": seed, "run": name, "task": task,
                          "metric": names.get(task, "average"), "value": f"{value:.4f}",
                          **{k: v for k, v in combo.items()}})
-        curves.setdefault(label, []).append(report.read_curve(out / "runs" / name / "metrics.jsonl"))
         gradients.setdefault(label, []).append(
             (seed, name, *report.read_gradients(out / "runs" / name / "metrics.jsonl")))
-    paths = {"results": out / "results.csv", "table": out / "table.md",
-             "bars": out / "metrics.png", "curves": out / "training_curves.png"}
+    paths = {"results": out / "results.csv", "table": out / "table.md"}
     fieldnames = ["combination", "seed", "run", "task", "metric", "value"] + \
         [k for k in (runs[0][1] if runs else {})]
     with open(paths["results"], "w", newline="") as f:
@@ -325,13 +323,20 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
         w.writerows(rows)
     csv_rows = report.read_results(paths["results"])
     held, examples = report.run_notes(summaries)
-    paths["table"].write_text(report.markdown_table(csv_rows, names, held, examples,
-                                                    notes=report.evaluation_notes(summaries)))
+    grid = {k: list(dict.fromkeys(_label(c[k]) for _, c, _, _ in runs)) for k in runs[0][1]} \
+        if runs else {}
+    scores = {(combo_label(c), str(seed)): report.read_example_scores(
+        out / "runs" / name / "predictions.jsonl") for name, c, seed, _ in runs}
+    table = report.build_table(csv_rows, names, held, examples,
+                               notes=report.evaluation_notes(summaries), grid=grid,
+                               example_scores=scores)
+    paths.update(report.write_table(table, out))   # table.md, table.csv, table.tex
     templates = report.template_table(labelled)
     if templates is not None:      # data.eval_templates: all
         paths["templates"] = out / "table_templates.md"
         paths["templates"].write_text(templates)
-    report.plot_bars(csv_rows, paths["bars"])
-    report.plot_curves(curves, paths["curves"])
+    # metrics.png, validation_curves.png, training_losses.png (+ weighted_losses.png)
+    paths.update(plots.write_figures(out, [(combo_label(c), out / "runs" / n, cfg.weighting.method
+                                            if cfg is not None else "") for n, c, _, cfg in runs]))
     paths.update(report.write_conflicts(gradients, out))   # only the files it wrote
     return paths

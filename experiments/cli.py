@@ -9,6 +9,7 @@
     polytask ablate CONFIG [key=value ...] [--out DIR] [--jobs N]
     polytask bench [what ...]
     polytask export RUN_DIR --onnx OUT_DIR [--weights best|last]
+    polytask compare DIR... [--out FILE.md|FILE.csv]   (ablation and run directories)
 
 ``eval``, ``generate`` and ``export`` load the run's best validation weights
 (``best.safetensors``, the ones ``summary.json`` scores) unless ``--weights last``; a run that
@@ -75,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                    "may then change train.lr, train.max_steps and the other settings that "
                    "leave its saved state meaningful (the others are refused, listing these)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, file, overrides) as YAML and exit")
 
     e = sub.add_parser("eval", help="evaluate a finished or interrupted run")
     e.add_argument("run_dir")
@@ -115,14 +118,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="runs trained at once, each in its own process (default 1)")
     a.add_argument("--threads", type=int, default=None,
                    help="torch threads per run with --jobs (default: cores / jobs)")
+    a.add_argument("--print-config", action="store_true",
+                   help="print the resolved base config, grid and seeds as YAML and exit")
 
-    b = sub.add_parser("bench", help="benchmarks (see experiments/bench)")
+    b = sub.add_parser("bench", add_help=False, help="benchmarks (see experiments/bench)")
+    b.add_argument("-h", "--help", action="store_true", help="list the benchmarks")
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
     x = sub.add_parser("export", help="export a run's model")
     x.add_argument("run_dir")
     x.add_argument("--onnx", required=True, metavar="OUT_DIR")
     _weights_option(x)
+
+    c = sub.add_parser("compare", help="one table of test scores from ablation and run "
+                       "directories")
+    c.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="ablation directories (runs/*/summary.json) and run directories")
+    c.add_argument("--out", metavar="FILE.md|FILE.csv", help="also write the table there")
     return p
 
 
@@ -138,11 +150,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise UsageError("polytask train: give either CONFIG or --resume RUN_DIR, not both")
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, given)
+        if args.print_config:
+            return _print_config(cfg.to_dict())
         summary = train_run(cfg, run_dir, resume=True, progress=not args.no_progress)
     else:
         if not args.config:
             raise UsageError("polytask train: CONFIG is required (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return _print_config(cfg.to_dict())
         run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
         summary = train_run(cfg, run_dir, progress=not args.no_progress)
     if summary:  # under torchrun only rank 0 evaluates and reports
@@ -208,8 +224,32 @@ def _input_records(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def _print_config(resolved: dict) -> None:
+    """``--print-config``: the config as YAML on stdout; nothing is run or written."""
+    import yaml
+    print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+
+
+def _ablation_config(args: argparse.Namespace) -> dict:
+    """The resolved base config plus the grid and seeds every run of ``plan`` was built from
+    (``plan`` validates each run's config first)."""
+    from polytask.experiments.ablate import plan
+    from polytask.experiments.config import load_config
+    runs = plan(args.config, args.overrides)
+    base = [o for o in args.overrides if not o.startswith(("grid.", "seeds="))]
+    grid: dict = {}
+    for _, combo, _, _ in runs:
+        for key, value in combo.items():
+            if value not in grid.setdefault(key, []):
+                grid[key].append(value)
+    seeds = list(dict.fromkeys(seed for _, _, seed, _ in runs))
+    return {**load_config(args.config, base).to_dict(), "grid": grid, "seeds": seeds}
+
+
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from polytask.experiments.ablate import ablate
+    if args.print_config:
+        return _print_config(_ablation_config(args))
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     paths = ablate(args.config, out, args.overrides, progress=not args.no_progress,
                    jobs=args.jobs, threads=args.threads)
@@ -219,7 +259,12 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from polytask.experiments.bench import main as bench_main
-    bench_main(args.rest)
+    bench_main((["--help"] if args.help else []) + args.rest)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from polytask.experiments.compare import compare
+    print(compare(args.dirs, args.out), end="")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -229,7 +274,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
-            "ablate": _cmd_ablate, "bench": _cmd_bench, "export": _cmd_export}
+            "ablate": _cmd_ablate, "bench": _cmd_bench, "export": _cmd_export,
+            "compare": _cmd_compare}
 
 
 #: what a user's input can cause (a bad file, path, key or value; a full disk): one line,
@@ -258,7 +304,7 @@ def _output_of(args: argparse.Namespace | None) -> str | None:
     if args.command == "ablate":
         return str(args.out or Path("runs") / Path(args.config).stem)
     return {"generate": getattr(args, "output", None), "export": getattr(args, "onnx", None),
-            "eval": None}.get(args.command)
+            "compare": getattr(args, "out", None), "eval": None}.get(args.command)
 
 
 def error_message(err: BaseException, args: argparse.Namespace | None = None) -> str:

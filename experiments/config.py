@@ -57,7 +57,8 @@ class WeightingConfig:
     cross-rank average under data parallelism), so a config may not.
     """
 
-    method: str = "static"
+    method: str = "static"  # a registered task weighting (below)
+    # keyword options of the method's constructor (below)
     options: dict[str, Any] = field(default_factory=dict)
 
     RESERVED_OPTIONS = ("gradient_reducer",)
@@ -73,18 +74,21 @@ class WeightingConfig:
 
 @dataclass
 class DataConfig:
+    # how a batch's tasks are drawn: by size, size^(1/T), uniformly or in turn
     sampling: Literal["proportional", "temperature", "uniform", "round_robin"] = "proportional"
     # p ∝ n^(1/T) for sampling: temperature (1: proportional, -> inf: uniform)
     temperature: float = field(default=2.0, metadata=bounds(gt=0))
     # per-task cap on examples in the mixture rates (T5)
     cap: int | None = field(default=None, metadata=bounds(gt=0, null="no cap"))
+    # source tokens kept per example
     max_source_len: int = field(default=128, metadata=bounds(gt=0))
-    # decoder positions: the start token and at least one target token
+    # target tokens kept per example, counting the decoder's start token (so at least 2)
     max_target_len: int = field(default=64, metadata=bounds(ge=2))
+    # a longer example: cut it, raise an error, or drop it
     truncation: Literal["truncate", "error", "drop"] = "truncate"
     # sentencepiece vocabulary trained on the run's tasks, special ids included
     vocab_size: int = field(default=1000, metadata=bounds(gt=SEP_ID + 1))
-    tokenizer: Literal["unigram", "bpe"] = "unigram"
+    tokenizer: Literal["unigram", "bpe"] = "unigram"  # sentencepiece model type
     # per task, for periodic validation (and other splits)
     eval_examples: int = field(default=200, metadata=bounds(gt=0))
     # per task, for the final test
@@ -131,15 +135,18 @@ def check_device(device: str, key: str = "train.device") -> None:
 class TrainConfig:
     # optimizer steps; 0: evaluate and save the initial model (e.g. a pretrained one)
     max_steps: int = field(default=200, metadata=bounds(ge=0))
-    batch_size: int = field(default=16, metadata=bounds(gt=0))
+    batch_size: int = field(default=16, metadata=bounds(gt=0))  # examples per optimizer step
     # micro-batches per optimizer step
     grad_accum: int = field(default=1, metadata=bounds(gt=0))
-    lr: float = field(default=3e-4, metadata=bounds(gt=0))
+    lr: float = field(default=3e-4, metadata=bounds(gt=0))  # peak learning rate of AdamW
+    # AdamW's decoupled weight decay
     weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
     # AdamW's (beta1, beta2); 1 would never forget the first gradient
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98],
                                metadata=bounds(ge=0, lt=1, length=2))
+    # linear warm-up steps before the schedule
     warmup_steps: int = field(default=20, metadata=bounds(ge=0))
+    # learning-rate decay after warm-up
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # the schedule decays to min_lr_ratio * lr
     min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0, le=1))
@@ -147,10 +154,11 @@ class TrainConfig:
     grad_clip: float | None = field(default=1.0, metadata=bounds(gt=0, null="no clipping"))
     bf16: bool = False                  # autocast the forward pass to bfloat16
     dtype: Literal["float32", "float64"] = "float32"  # parameter dtype (float64: exactness checks)
-    # numpy's seeds are 32-bit
+    # seeds torch, numpy and random (numpy's seeds are 32-bit)
     seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
+    # steps between validations (and checkpoint selection)
     eval_every: int = field(default=50, metadata=bounds(gt=0))
-    save_every: int = field(default=50, metadata=bounds(gt=0))
+    save_every: int = field(default=50, metadata=bounds(gt=0))  # steps between checkpoints
     # evaluations without improvement (0 would stop at the first evaluation)
     early_stopping_patience: int | None = field(default=None, metadata=bounds(
         ge=1, null="never stop early"))
@@ -162,14 +170,18 @@ class TrainConfig:
     train_top_layers: int | None = field(default=None, metadata=bounds(
         ge=0, null="train every layer"))
     train_only: list[str] = field(default_factory=list)  # discriminative tuning, e.g. [decoder]
+    # parameter-efficient fine-tuning: a method and its options
     peft: dict[str, Any] = field(default_factory=dict)   # {method: lora, r: 8, ...}
     # False (with init:): weight files hold only what is not in the base checkpoint (PEFT
     # tensors, heads, ...); loading rebuilds the base from init:, checked against base.json
     save_base: bool = True
     # consecutive non-finite steps before the run stops
     max_bad_steps: int = field(default=5, metadata=bounds(gt=0))
+    # new tokens generated per example at evaluation
     generation_max_tokens: int = field(default=48, metadata=bounds(gt=0))
+    # where the run's tensors live
     device: str = "cpu"                 # DEVICE_FORMS
+    tensorboard: bool = False   # also log metrics to RUN_DIR/tensorboard/ (experiments.tracking)
 
     def __post_init__(self) -> None:
         check_fields(self, "train")   # types and the bounds above
@@ -345,14 +357,18 @@ def init_model_config(path: str | Path, given: dict[str, Any] | None) -> ModelCo
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tasks: str | list[TaskSpec] = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone's architecture
+    tasks: str | list[TaskSpec] = "tiny"  # a built-in suite name or a list of task specs
+    # parameter-sharing strategy and heads
     sharing: SharingConfig = field(default_factory=SharingConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)  # how task losses combine
+    # options per task name or per loss name
     losses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # sampling, lengths, tokenizer and evaluation data
     data: DataConfig = field(default_factory=DataConfig)
+    # optimisation, evaluation, PEFT and device
     train: TrainConfig = field(default_factory=TrainConfig)
-    init: str | None = None
+    init: str | None = None  # a Hugging Face T5/BART or polytask run directory to start from
 
     def __post_init__(self) -> None:
         # absolute positions have a row per position: a longer sequence fails mid-run

@@ -20,11 +20,20 @@ task's train split (:func:`eval_examples`: seeded by ``train.seed`` and the exam
 the scored example, rendered with the same template, dropped from the front until the source
 fits ``data.max_source_len``) at the final test and ``polytask eval``; validation stays
 zero-shot. Held-out tasks have no loaded train split, so they stay zero-shot.
+
+Per example (:func:`example_scores`): the final test writes ``predictions.jsonl``
+(:func:`write_predictions`), one line per scored example and template, with the metric's value
+for that example where the task's metric is a mean over examples (accuracy and exact match:
+0 or 100; ROUGE-L: the example's F-measure), so the mean of a task's first-template scores is
+its test score. Corpus-level metrics (macro-F1, BLEU, chrF) have no per-example value: their
+lines carry the prediction and a null score.
 """
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -35,12 +44,16 @@ from polytask.core.data.task_data import Example, TaskData, render
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.decoding.generation import generate
 from polytask.core.metrics import compute_metrics
+from polytask.core.training.manifest import atomic_write
 from polytask.core.data.tokenizer import Tokenizer
 from polytask.experiments.config import RunConfig
 
 
 TEMPLATE_MODES = ("first", "all")
 DEMO_FORMAT = "{source} => {target}"   # one demonstration, "input => output" (GPT-3 / FLAN style)
+PREDICTIONS = "predictions.jsonl"        # a run's per-example test predictions (module doc)
+#: metrics whose corpus value is the mean of their value on each example alone
+PER_EXAMPLE_METRICS = ("accuracy", "exact_match", "rouge_l")
 
 
 @dataclass
@@ -52,11 +65,13 @@ class Evaluation:
         templates: ``{task: {"mean", "min", "max", "per_template"}}`` over the templates
             scored (``per_template[0]`` is the main score).
         demonstrations: ``{task: mean demonstrations used per example}`` (first template).
+        predictions: one record per scored example and template (:func:`prediction_records`).
     """
 
     scores: dict[str, float]
     templates: dict[str, dict[str, Any]]
     demonstrations: dict[str, float]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def template_count(spec: TaskSpec) -> int:
@@ -209,6 +224,7 @@ def evaluate_details(model: Any, data: TaskData, tokenizer: Tokenizer, split: st
                 max_target_len=max_target_len, max_new_tokens=max_new_tokens)
     per_template: dict[str, list[float]] = {}
     demonstrations: dict[str, float] = {}
+    records: list[dict[str, Any]] = []
     for task in tasks:
         spec = data.specs[task]
         count = template_count(spec) if templates == "all" else 1
@@ -220,12 +236,45 @@ def evaluate_details(model: Any, data: TaskData, tokenizer: Tokenizer, split: st
             preds = predict_examples(model, data, tokenizer, task, examples, **opts)
             per_template[task].append(compute_metrics(
                 spec.metric_name, preds, [ex.target for ex in examples], labels=spec.labels))
+            records += prediction_records(spec, template, examples, preds)
             if template == 0:
                 demonstrations[task] = float(mean(used)) if used else 0.0
     scores = {t: values[0] for t, values in per_template.items()}
     summary = {t: {"mean": mean(v), "min": min(v), "max": max(v), "per_template": v}
                for t, v in per_template.items()}
-    return Evaluation({**scores, **averages(scores, data)}, summary, demonstrations)
+    return Evaluation({**scores, **averages(scores, data)}, summary, demonstrations, records)
+
+
+def example_scores(metric_name: str, predictions: list[str], references: list[str]
+                   ) -> list[float | None]:
+    """Each example's value of the metric (0-100), for :data:`PER_EXAMPLE_METRICS`: the metric
+    of that example alone, whose mean over the examples is the corpus value; None for each
+    example of a corpus-level metric (macro-F1, BLEU, chrF), which has no per-example value."""
+    if metric_name not in PER_EXAMPLE_METRICS:
+        return [None] * len(predictions)
+    return [compute_metrics(metric_name, [p], [r]) for p, r in zip(predictions, references)]
+
+
+def prediction_records(spec: TaskSpec, template: int, examples: list[Example],
+                       predictions: list[str]) -> list[dict[str, Any]]:
+    """One ``predictions.jsonl`` record per example: task, template index, source as scored
+    (template and demonstrations applied), reference, prediction, metric and per-example score
+    (:func:`example_scores`)."""
+    references = [ex.target for ex in examples]
+    scores = example_scores(spec.metric_name, predictions, references)
+    return [{"task": spec.name, "template": template, "source": ex.source,
+             "reference": ex.target, "prediction": pred, "metric": spec.metric_name,
+             "score": score}
+            for ex, pred, score in zip(examples, predictions, scores)]
+
+
+def write_predictions(path: Path, records: list[dict[str, Any]]) -> None:
+    """``records`` as JSON lines at ``path``, written atomically and recorded in its
+    directory's manifest (so a damaged file is named when read back)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, write, track=True)
 
 
 def evaluate(model: Any, data: TaskData, tokenizer: Tokenizer, split: str, **options: Any

@@ -88,7 +88,7 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool, lead: bool) -> Path | Non
 #: or best-validation score mean (test-only data options apply to the final test alone)
 RESUMABLE = ("train.lr", "train.max_steps", "train.eval_every", "train.save_every",
              "train.early_stopping_patience", "train.max_bad_steps", "train.grad_clip",
-             "data.test_examples", "data.eval_templates", "data.eval_shots")
+             "data.test_examples", "data.eval_templates", "data.eval_shots", "train.tensorboard")
 
 
 def read_run_config(run_dir: Path) -> RunConfig:

@@ -4,8 +4,11 @@
 build`: data, tokenizer, model, objective, weighting, optimiser, sampler) -> loop (sample,
 collate, forward, losses, weighted backward, guard against non-finite values, clip, step) ->
 periodic evaluation, logging and atomic checkpoints -> final evaluation on the test split with
-the best validation weights -> ``summary.json``. The model trains inside
-:func:`polytask.core.accelerate.accelerated` (the CPU fast paths, switched on here).
+the best validation weights -> ``summary.json`` and ``predictions.jsonl`` (every scored test
+example, :func:`polytask.experiments.evaluate.write_predictions`). With ``train.tensorboard``
+every logged event also goes to TensorBoard (:mod:`polytask.experiments.tracking`). The model
+trains inside :func:`polytask.core.accelerate.accelerated` (the CPU fast paths, switched on
+here).
 
 Before the loop, :mod:`polytask.experiments.resume` takes the run directory (its lock, held by
 rank 0 from start to end) and starts fresh or from the newest intact checkpoint, restoring
@@ -48,10 +51,12 @@ from polytask.losses.weighting import Weighting
 from polytask.losses.weighting.base import GradientWeighting, run_backward
 from polytask.losses.weighting.engine import SplitGradients, conflicts, merge, split_backward
 from polytask.experiments.evaluate import (check_selection_metric, eval_options, evaluate,
-                                           evaluate_details, scored_examples)
+                                           evaluate_details, scored_examples, PREDICTIONS,
+                                           write_predictions)
 from polytask.experiments.resume import (BEST, _changed_settings, _checkpoint_to_resume,
-                                         _first_line, _log, _prepare_run_dir, _start_state,
+                                         _first_line, _prepare_run_dir, _start_state,
                                          claimed)
+from polytask.experiments.tracking import log_event, tensorboard_writer
 
 
 def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
@@ -91,9 +96,9 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
                dynamic_ncols=True)
     model.train()
     stop = False
-    with accelerated(model):
+    with accelerated(model), tensorboard_writer(cfg, run_dir, lead, state["step"]) as writer:
         if t.max_steps == 0 and lead and ckpt is None:   # the initial model, evaluated and saved
-            _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir, 0)
+            _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir, 0, writer)
             _save(run_dir, 0, model, parts, state)
         while state["step"] < t.max_steps and not stop:
             step = state["step"]
@@ -115,7 +120,7 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
             speed = n_tokens * world / seconds
             loss, lr = sum(step_losses.values()), parts.scheduler.get_last_lr()[0]
             if lead:
-                _log(run_dir / "metrics.jsonl", {
+                log_event(writer, run_dir / "metrics.jsonl", {
                     "event": "train", "step": step, "loss": loss, "finite": finite, "lr": lr,
                     "step_s": seconds, "tokens_per_s": speed, "max_rss_mb": _max_rss_mb(),
                     **{f"loss/{k}": v for k, v in step_losses.items()}, **logs})
@@ -125,10 +130,11 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
                 if lead and finite:   # gradient conflicts on the step's last micro-batch
                     found = gradient_conflicts(cfg, parts, model, data, batch)
                     if found is not None:
-                        _log(run_dir / "metrics.jsonl", {"event": "gradients", "step": step,
-                                                         **found})
+                        log_event(writer, run_dir / "metrics.jsonl",
+                                  {"event": "gradients", "step": step, **found})
                 if lead:
-                    stop = _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir, step)
+                    stop = _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir,
+                                               step, writer)
                 else:
                     _end_epoch(parts.weighting, state)
                 stop = distributed.broadcast_flag(stop)
@@ -138,7 +144,8 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
         if state["step"] > 0 and state["bad_steps"] >= state["step"]:
             raise _non_finite(run_dir, state, state["step"], f"none of the {state['step']} "
                               "steps had a finite loss and gradient: nothing was trained", lead)
-        return _finish(cfg, model, data, tokenizer, state, run_dir, parts) if lead else {}
+        return (_finish(cfg, model, data, tokenizer, state, run_dir, parts, writer) if lead
+                else {})
 
 
 def _non_finite(run_dir: Path, state: dict[str, Any], steps: int, reason: str,
@@ -422,12 +429,13 @@ def _end_epoch(weighting, state) -> None:
 
 
 def _evaluate_and_track(cfg: RunConfig, model, data, tokenizer, parts: Parts, state, run_dir,
-                        step) -> bool:
+                        step, writer=None) -> bool:
     """Validation metrics, best-weights tracking, DWA's epoch, early stopping. True = stop."""
     key = cfg.train.early_stopping_metric
     check_selection_metric(key, data)   # held-out tasks never select checkpoints
     scores = evaluate(model, data, tokenizer, "validation", **eval_options(cfg, "validation"))
-    _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "validation", "step": step, **scores})
+    log_event(writer, run_dir / "metrics.jsonl",
+              {"event": "eval", "split": "validation", "step": step, **scores})
     _end_epoch(parts.weighting, state)
     if key not in scores:
         raise ValueError(f"train.early_stopping_metric {key!r} is not evaluated; choose one of "
@@ -441,8 +449,8 @@ def _evaluate_and_track(cfg: RunConfig, model, data, tokenizer, parts: Parts, st
     return patience is not None and state["evals_since_best"] >= patience
 
 
-def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
-            ) -> dict[str, Any]:
+def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts,
+            writer=None) -> dict[str, Any]:
     report = parts.report
     if state["best_step"] is not None:   # never silently the last weights instead
         best = run_dir / BEST
@@ -456,7 +464,9 @@ def _finish(cfg: RunConfig, model, data, tokenizer, state, run_dir, parts: Parts
     details = evaluate_details(model, data, tokenizer, "test", templates=cfg.data.eval_templates,
                                **options)
     test = details.scores
-    _log(run_dir / "metrics.jsonl", {"event": "eval", "split": "test", "step": state["step"], **test})
+    log_event(writer, run_dir / "metrics.jsonl",
+              {"event": "eval", "split": "test", "step": state["step"], **test})
+    write_predictions(run_dir / PREDICTIONS, details.predictions)
     speeds = [r["tokens_per_s"] for r in _records(run_dir / "metrics.jsonl")
               if r.get("event") == "train" and "tokens_per_s" in r]
     summary = {

@@ -40,20 +40,31 @@ class SharingConfig:
     counts of the model when the plan is built (:func:`polytask.heads.plan.make_plan`).
     """
 
+    # which layers tasks share: none, hard, soft, hierarchical or a registered plan
     strategy: str = "hard"
+    # hierarchical: bottom layers of each stack shared by all tasks
     shared_layers: int = field(default=1, metadata=bounds(ge=0))
+    # hierarchical: next layers shared within a task group
     group_layers: int = field(default=1, metadata=bounds(ge=0))
+    # soft: weight of the L2 penalty between the task copies
     soft_weight: float = field(default=1e-2, metadata=bounds(ge=0))
-    cross_stitch: bool = False
-    lm_head: Literal["shared", "per_task"] = "shared"
+    cross_stitch: bool = False  # none/soft: learned mixing of the task columns after each layer
+    lm_head: Literal["shared", "per_task"] = "shared"  # one LM head for all tasks or one per task
+    # classifier head: mean over real tokens or the first token
     classifier_pooling: Literal["mean", "first"] = "mean"
+    # classifier head: hidden units of its MLP
     classifier_hidden: int | None = field(default=None, metadata=bounds(gt=0, null="d_model"))
+    # rank head: a label's score is its summed or mean token log-probability
     rank_normalize: Literal["sum", "mean"] = "sum"
-    adversarial: bool = False
+    adversarial: bool = False  # add a task discriminator on the shared features (Liu et al. 2017)
+    # weight of the adversarial loss in the total
     adversarial_weight: float = field(default=0.05, metadata=bounds(ge=0))
+    # gradient-reversal coefficient, or 'schedule' (Ganin & Lempitsky 2015)
     grl_lambda: float | Literal["schedule"] = field(default=1.0, metadata=bounds(ge=0))
-    # 0 would hold the scheduled coefficient at 0: the reversal would never act
+    # steepness of the grl_lambda schedule; 0 would hold the scheduled coefficient at 0: the
+    # reversal would never act
     grl_gamma: float = field(default=10.0, metadata=bounds(gt=0))
+    # weight of the shared-private orthogonality penalty
     orthogonality_weight: float = field(default=0.0, metadata=bounds(ge=0))
 
     def __post_init__(self) -> None:

@@ -9,10 +9,13 @@ Normalisation is ``identity`` (what you encode is what you decode) except that s
 collapses runs of whitespace and strips the ends. ``character_coverage`` is 1.0: every
 character of the training corpus gets a piece; characters never seen in training map to unk.
 
-Vocabulary size: ``vocab_size`` is a hard target by default, and a corpus too small for it
-raises ``ValueError`` quoting sentencepiece's maximum. ``hard_vocab_limit=False`` lets
-sentencepiece build a smaller vocabulary instead; ``Tokenizer.vocab_size`` reports the size
-actually built, which is what ``ModelConfig.vocab_size`` must be at least.
+Vocabulary size: ``vocab_size`` is a hard target, and a corpus too small for it is retrained
+at the largest size sentencepiece says it supports, with one note on stderr (the default
+``data.vocab_size`` of 1000 is more than a few hundred short examples hold);
+``fit_vocab=False`` raises ``ValueError`` quoting sentencepiece's maximum instead.
+``hard_vocab_limit=False`` lets sentencepiece build a smaller vocabulary its own way;
+``Tokenizer.vocab_size`` reports the size actually built, which is what
+``ModelConfig.vocab_size`` must be at least.
 
 :class:`TextTokenizer` is the interface every tokenizer polytask trains or evaluates with
 follows: this module's :class:`Tokenizer`, and a pretrained checkpoint's own
@@ -21,6 +24,8 @@ follows: this module's :class:`Tokenizer`, and a pretrained checkpoint's own
 from __future__ import annotations
 
 import io
+import re
+import sys
 from pathlib import Path
 from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
 
@@ -113,7 +118,7 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int,
               model_type: Literal["unigram", "bpe"] = "unigram", *,
               hard_vocab_limit: bool = True, max_sentence_length: int = 16384,
-              seed_sentencepiece_size: int = 100_000) -> "Tokenizer":
+              seed_sentencepiece_size: int = 100_000, fit_vocab: bool = True) -> "Tokenizer":
         """Train on ``texts`` (e.g. every source and target of the training splits).
 
         Args:
@@ -121,6 +126,9 @@ class Tokenizer:
             vocab_size: number of pieces including the 5 special ones.
             model_type: ``unigram`` (Kudo 2018, T5's choice) or ``bpe`` (Sennrich et al. 2016).
             hard_vocab_limit: False allows a smaller vocabulary when the corpus is small.
+            fit_vocab: when the corpus cannot support ``vocab_size``, retrain at the largest
+                size sentencepiece's error states (``Please set it to a value <= N``) and say
+                so once on stderr; False raises instead.
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"unknown model_type {model_type!r}; choose 'unigram' or 'bpe'")
@@ -129,24 +137,29 @@ class Tokenizer:
         corpus = [t for t in texts if t and t.strip()]
         if not corpus:
             raise ValueError("cannot train a tokenizer on an empty corpus")
-        model = io.BytesIO()
+        options = dict(model_type=model_type, hard_vocab_limit=hard_vocab_limit,
+                       max_sentence_length=max_sentence_length,
+                       seed_sentencepiece_size=seed_sentencepiece_size)
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=1.0,
-                normalization_rule_name="identity", hard_vocab_limit=hard_vocab_limit,
-                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                user_defined_symbols=[SEP], max_sentence_length=max_sentence_length,
-                seed_sentencepiece_size=seed_sentencepiece_size,
-                num_threads=1, minloglevel=2)  # one thread: deterministic, and we share 2 cores
+            return cls(_train_model(corpus, vocab_size, **options))
         except RuntimeError as err:
-            raise ValueError(
-                f"sentencepiece could not build a {model_type} vocabulary of {vocab_size} from "
-                f"{len(corpus)} texts: {str(err).rstrip('.')}. "
-                + ("Raise data.vocab_size" if "smaller than required_chars" in str(err)
-                   else "Lower data.vocab_size or pass hard_vocab_limit=False")
-            ) from None
-        return cls(model.getvalue())
+            error = err
+        largest = _supported_size(str(error))
+        if fit_vocab and largest is not None and SEP_ID + 1 < largest < vocab_size:
+            try:
+                model = _train_model(corpus, largest, **options)
+            except RuntimeError:
+                pass   # report the first error, which names the size asked for
+            else:
+                print(f"polytask: note: data.vocab_size {vocab_size} is more than this corpus "
+                      f"supports; using {largest}", file=sys.stderr)
+                return cls(model)
+        raise ValueError(
+            f"sentencepiece could not build a {model_type} vocabulary of {vocab_size} from "
+            f"{len(corpus)} texts: {str(error).rstrip('.')}. "
+            + ("Raise data.vocab_size" if "smaller than required_chars" in str(error)
+               else "Lower data.vocab_size or pass hard_vocab_limit=False")
+        ) from None
 
     def save(self, path: str | Path) -> None:
         """Write the sentencepiece model (a standard ``.model`` file)."""
@@ -195,3 +208,24 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+
+def _train_model(corpus: list[str], vocab_size: int, *, model_type: str, hard_vocab_limit: bool,
+                 max_sentence_length: int, seed_sentencepiece_size: int) -> bytes:
+    """The serialized sentencepiece model trained on ``corpus`` (``RuntimeError`` if it fails)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=1.0,
+        normalization_rule_name="identity", hard_vocab_limit=hard_vocab_limit,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        user_defined_symbols=[SEP], max_sentence_length=max_sentence_length,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=1, minloglevel=2)  # one thread: deterministic, and we share 2 cores
+    return model.getvalue()
+
+
+def _supported_size(message: str) -> int | None:
+    """The largest vocabulary sentencepiece's "Vocabulary size too high" error allows."""
+    match = re.search(r"Please set it to a value <= (\d+)", message)
+    return int(match[1]) if match else None

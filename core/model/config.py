@@ -240,25 +240,33 @@ class ModelConfig:
     cases in the model code.
     """
 
+    # token ids; a run sets it from its tokenizer (data.vocab_size)
     vocab_size: int = field(default=8000, metadata=bounds(gt=0))
-    d_model: int = field(default=256, metadata=bounds(gt=0))
-    n_heads: int = field(default=4, metadata=bounds(gt=0))
+    d_model: int = field(default=256, metadata=bounds(gt=0))  # width of the residual stream
+    n_heads: int = field(default=4, metadata=bounds(gt=0))  # attention heads per layer
     # fewer than n_heads: grouped-query attention
     n_kv_heads: int | None = field(default=None, metadata=bounds(gt=0, null="= n_heads"))
     # T5 allows head sizes other than d_model // n_heads
     d_head: int | None = field(default=None, metadata=bounds(gt=0, null="d_model // n_heads"))
+    # encoder layers (0: decoder only)
     n_encoder_layers: int = field(default=3, metadata=bounds(ge=0))
-    n_decoder_layers: int = field(default=3, metadata=bounds(ge=0))
-    d_ff: int = field(default=1024, metadata=bounds(gt=0))
+    n_decoder_layers: int = field(default=3, metadata=bounds(ge=0))  # decoder layers
+    d_ff: int = field(default=1024, metadata=bounds(gt=0))  # hidden units of the feed-forward block
+    # dropout on embeddings, sublayer outputs and feed-forward hidden units
     dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    # dropout on the attention weights
     attention_dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    norm: Norm = "layernorm"
+    norm: Norm = "layernorm"  # normalisation layer (rmsnorm: T5's)
+    # norm before each sublayer (pre) or after the residual sum (post)
     norm_position: NormPosition = "pre"
+    # added to the variance (or mean square) under the square root
     norm_eps: float = field(default=1e-5, metadata=bounds(gt=0))  # 0: 0/0 for a zero row
     final_norm: bool | None = None         # None: True for pre-norm, False for post-norm
     embedding_norm: bool = False           # BART's layernorm_embedding
+    # feed-forward activation; swiglu / geglu gate it (Shazeer 2020)
     activation: Activation = "gelu"
     bias: bool = True                      # biases in attention and feed-forward projections
+    # position information: absolute tables, T5 relative bias, rotary, or none
     positions: Positions = "learned"
     # for sinusoidal / learned position tables
     max_length: int = field(default=512, metadata=bounds(gt=0))
@@ -267,19 +275,23 @@ class ModelConfig:
     # T5 relative position bias: fewer than 4 buckets leave a half of the bidirectional
     # (encoder) buckets no exact distance, and the bucketing divides by zero
     relative_buckets: int = field(default=32, metadata=bounds(ge=4))
+    # distance beyond which T5 relative positions share one bucket
     relative_max_distance: int = field(default=128, metadata=bounds(gt=0))
-    # wavelengths grow with the dimension only when the base is > 1 (RoFormer: 10000)
+    # base of the rotary wavelengths; they grow with the dimension only when it is > 1
+    # (RoFormer: 10000)
     rope_base: float = field(default=10000.0, metadata=bounds(gt=1))
     scale_attention: bool = True           # False: T5 folds 1/sqrt(d) into its initialisation
     scale_embeddings: bool = False         # multiply embeddings by sqrt(d_model) (Vaswani)
     tie_embeddings: bool = True            # LM head shares the token embedding matrix
     rescale_tied_output: bool = False      # T5: scale decoder output by d_model**-0.5 when tied
     lm_head_bias: bool = False             # BART's final_logits_bias
+    # std of the normal weight initialisation
     init_std: float | None = field(default=None, metadata=bounds(gt=0, null="d_model ** -0.5"))
+    # attention kernel (auto: the fastest correct one for the device)
     attention_backend: Backend = "auto"
-    pad_id: int = 0
+    pad_id: int = 0  # padding token id
     bos_id: int = 2                        # decoder start token
-    eos_id: int = 3
+    eos_id: int = 3  # end-of-sequence token id
 
     def __post_init__(self) -> None:
         check_fields(self, "model")   # types and the declared bounds

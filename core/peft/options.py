@@ -23,11 +23,12 @@ class LoRAOptions:
     or wildcard patterns on full names), the rank ``r``, the scaling numerator ``alpha`` (the
     update is scaled by ``alpha / r``) and dropout on the update's input."""
 
+    # Linear layers to adapt: module names or wildcard patterns
     targets: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    r: int = 8
-    # 0 would scale every update to nothing: the adapted layers would never change
+    r: int = 8  # rank of the update
+    # the update is scaled by alpha / r; 0 would scale every update to nothing
     alpha: float = field(default=16.0, metadata=bounds(gt=0))
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the update's input
 
     def check(self, where: str) -> None:
         self.targets = _check_targets(self.targets, where)
@@ -43,9 +44,10 @@ class AdapterOptions:
     default every attention output and feed-forward output), its ``bottleneck`` width and
     ``activation``."""
 
+    # Linear layers an adapter follows
     targets: str | list[str] = field(default_factory=lambda: ["out_proj", "wo"])
-    bottleneck: int = 64
-    activation: Literal["relu", "gelu", "silu"] = "gelu"
+    bottleneck: int = 64  # adapter hidden width
+    activation: Literal["relu", "gelu", "silu"] = "gelu"  # adapter activation
 
     def check(self, where: str) -> None:
         self.targets = _check_targets(self.targets, where)
@@ -59,9 +61,9 @@ class PromptOptions:
     tokens per prompt, initialised from the vocabulary's embeddings (``init_from_vocab``), one
     prompt per task (``per_task``) or one per shared token embedding."""
 
-    n_tokens: int = 20
-    init_from_vocab: bool = True
-    per_task: bool = True
+    n_tokens: int = 20  # virtual tokens per prompt
+    init_from_vocab: bool = True  # initialise prompts from vocabulary embeddings
+    per_task: bool = True  # one prompt per task (else one shared)
 
     def check(self, where: str) -> None:
         if self.n_tokens <= 0:

@@ -12,6 +12,8 @@ Layout of a run directory::
                            ``tokenizer/*``) as last written (training.manifest)
     metrics.jsonl          one JSON object per logged event
     summary.json           final metrics, written when the run ends
+    predictions.jsonl      every scored test example: source, reference, prediction, score
+    tensorboard/           with ``train.tensorboard: true``: TensorBoard event files
     .lock                  held by the process writing into the directory (training.lock)
     checkpoints/LATEST     name of the newest complete checkpoint directory
     checkpoints/step-N/    model.safetensors, optim.pt (tensors + plain containers, loaded with

@@ -9,13 +9,18 @@
                                          every task weighting relative to static, at k tasks
     polytask bench all                   attention, train, decode and memory
 
-Timings are never asserted in tests; figures are recorded in docs/benchmarks.md.
+``polytask bench NAME --help`` lists NAME's options. Timings are never asserted in tests;
+figures are recorded in docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from typing import Any
+import os
+import sys
+import tempfile
+from typing import Any, Iterator
 
 SUBCOMMANDS = {
     "attention": "polytask.experiments.bench.attention",
@@ -37,10 +42,38 @@ def emit(result: dict[str, Any], table: str, json_path: str | None) -> dict[str,
     return result
 
 
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Drop the PyTorch profiler's ``USDT:... profiler_start`` / ``profiler_stop`` lines.
+
+    Kineto writes them from C++ straight to file descriptor 2 whatever ``KINETO_LOG_LEVEL``
+    says, so ``sys.stderr`` cannot catch them: the descriptor is pointed at a temporary file
+    while the block runs, and every other line (a warning, a traceback) is written back to
+    stderr afterwards, in order. Every benchmark's profiled block
+    (:func:`polytask.experiments.bench.attention.peak_bytes`) runs inside it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True)
+                    if not line.startswith(b"USDT:")]
+            if kept:
+                sys.stderr.flush()
+                os.write(2, b"".join(kept))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
         return 0
     name, rest = argv[0], argv[1:]
     names = list(SUBCOMMANDS) if name == "all" else [name]

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from polytask.attention.chunked import DEFAULT_BLOCK, chunked_attention
 from polytask.attention.reference import reference_attention
 from polytask.attention.sdpa import sdpa_attention
+from polytask.experiments.bench import quiet_profiler
 
 T = TypeVar("T")
 
@@ -46,7 +47,8 @@ def _step(kernel: Callable[..., torch.Tensor], q, k, v, causal: bool, **kw) -> N
 
 def peak_bytes(fn: Callable[[], None]) -> int:
     """Peak of (allocated - freed) bytes while ``fn`` runs, from the profiler's memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU],
+                                   profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -114,7 +116,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="polytask bench attention",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)

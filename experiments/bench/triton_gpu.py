@@ -67,7 +67,7 @@ def measured_peak_tflops(dtype: torch.dtype, n: int = 8192) -> float:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m polytask.experiments.bench triton",
+    p = argparse.ArgumentParser(prog="polytask bench triton",
                                 description="TFLOP/s of the Triton flash-attention kernels")
     p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated sequence lengths")
     p.add_argument("--batch", type=int, default=4)

@@ -23,8 +23,13 @@ def test_ablate_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
         values = {r["task"]: r["value"] for r in rows if r["run"] == run}
         assert values["average"] == values["average_seen"]
     table = (out / "table.md").read_text()
-    assert "sharing.strategy=hard" in table and "Δ" in table and "**" in table
-    for png in ("metrics.png", "training_curves.png"):
+    assert "sharing.strategy=hard" in table and "Δm (%)" in table and "**" in table
+    assert "Grid: sharing.strategy ∈ {none, hard}; seeds {0, 1}, n=2 runs per setting" in table
+    assert "Welch's t-test over seeds" in table
+    settings = [r["setting"] for r in csv.DictReader(open(out / "table.csv"))]
+    assert settings == ["sharing.strategy=none", "sharing.strategy=hard"]
+    assert (out / "table.tex").read_text().count(r"\toprule") == 1
+    for png in ("metrics.png", "validation_curves.png", "training_losses.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     # a second invocation finds every run complete and redoes nothing

@@ -69,7 +69,7 @@ def test_bpe_round_trip():
 def test_too_large_vocab_fails_clearly_or_shrinks():
     small = ["ab ba", "abba"]
     with pytest.raises(ValueError, match=r"vocabulary of 500 .* Lower data.vocab_size or pass hard_vocab_limit=False"):
-        Tokenizer.train(small, vocab_size=500)
+        Tokenizer.train(small, vocab_size=500, fit_vocab=False)
     with pytest.raises(ValueError, match=r"vocabulary of 6 .*smaller than required_chars.* Raise data.vocab_size"):
         Tokenizer.train(["abcdefgh"], vocab_size=6)
     shrunk = Tokenizer.train(small, vocab_size=500, hard_vocab_limit=False)
