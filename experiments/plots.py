@@ -215,7 +215,7 @@ def _panels(n: int, height: float = 1.7):
     for ax in axes.flat[n:]:
         ax.set_axis_off()
     for i, ax in enumerate(axes.flat[:n]):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))    # steps are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))   # whole steps, few ticks
         if i + cols >= n:
             ax.tick_params(labelbottom=True)
             ax.set_xlabel("step")
