@@ -48,9 +48,10 @@ from tqdm import tqdm
 
 from polytask.core.training.checkpoint import latest_checkpoint
 from polytask.core.training.lock import LOCK as RUN_LOCK, hold as hold_run_dir
-from polytask.experiments import plots, report
+from polytask.experiments import conflicts, plots, report
 from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
 from polytask.experiments.runs import metric_names, train_run
+from polytask.experiments.table import build_table, read_example_scores, write_table
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -313,7 +314,7 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
                          "metric": names.get(task, "average"), "value": f"{value:.4f}",
                          **{k: v for k, v in combo.items()}})
         gradients.setdefault(label, []).append(
-            (seed, name, *report.read_gradients(out / "runs" / name / "metrics.jsonl")))
+            (seed, name, *conflicts.read_gradients(out / "runs" / name / "metrics.jsonl")))
     paths = {"results": out / "results.csv", "table": out / "table.md"}
     fieldnames = ["combination", "seed", "run", "task", "metric", "value"] + \
         [k for k in (runs[0][1] if runs else {})]
@@ -325,12 +326,12 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
     held, examples = report.run_notes(summaries)
     grid = {k: list(dict.fromkeys(_label(c[k]) for _, c, _, _ in runs)) for k in runs[0][1]} \
         if runs else {}
-    scores = {(combo_label(c), str(seed)): report.read_example_scores(
+    scores = {(combo_label(c), str(seed)): read_example_scores(
         out / "runs" / name / "predictions.jsonl") for name, c, seed, _ in runs}
-    table = report.build_table(csv_rows, names, held, examples,
-                               notes=report.evaluation_notes(summaries), grid=grid,
-                               example_scores=scores)
-    paths.update(report.write_table(table, out))   # table.md, table.csv, table.tex
+    table = build_table(csv_rows, names, held, examples,
+                        notes=report.evaluation_notes(summaries), grid=grid,
+                        example_scores=scores)
+    paths.update(write_table(table, out))   # table.md, table.csv, table.tex
     templates = report.template_table(labelled)
     if templates is not None:      # data.eval_templates: all
         paths["templates"] = out / "table_templates.md"
@@ -338,5 +339,5 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
     # metrics.png, validation_curves.png, training_losses.png (+ weighted_losses.png)
     paths.update(plots.write_figures(out, [(combo_label(c), out / "runs" / n, cfg.weighting.method
                                             if cfg is not None else "") for n, c, _, cfg in runs]))
-    paths.update(report.write_conflicts(gradients, out))   # only the files it wrote
+    paths.update(conflicts.write_conflicts(gradients, out))   # only the files it wrote
     return paths

@@ -1,7 +1,7 @@
 """The statistics of an ablation table: confidence intervals, Δm, significance tests.
 
 Pure functions over plain lists of numbers (one number per seed, or per test example), so each
-one can be checked against scipy on hand-made data; ``report.py`` turns them into tables.
+one can be checked against scipy on hand-made data; ``table.py`` turns them into tables.
 
 - :func:`ci_half_width`: the 95% confidence interval of a mean over seeds from Student's t
   distribution with ``n - 1`` degrees of freedom (few seeds: the normal 1.96 would be too

@@ -12,6 +12,7 @@ from polytask.experiments.cli import main
 from polytask.experiments.config import load_config
 from polytask.experiments.runs import evaluate_run, resolve_tasks, train_run
 from polytask.experiments.suite import split_sizes
+from polytask.experiments.table import markdown_table
 
 ROOT = Path(__file__).parents[2]
 TINY = ROOT / "experiments" / "configs" / "tiny.yaml"
@@ -89,7 +90,7 @@ def test_table_marks_held_out_columns_and_footnotes_examples(runs):
     rows = [{"combination": "sharing.strategy=hard", "seed": "0", "task": t, "value": str(v)}
             for t, v in a["test"].items()]
     held, examples = report.run_notes([a])
-    table = report.markdown_table(rows, a["metrics"], held, examples)
+    table = markdown_table(rows, a["metrics"], held, examples)
     header = table.splitlines()[0]
     assert f"| {HELD}† (accuracy) |" in header and "| copy (exact_match) |" in header
     assert "| average_seen | average_held_out |" in header and "| average |" not in header
@@ -100,7 +101,7 @@ def test_table_marks_held_out_columns_and_footnotes_examples(runs):
 def test_table_without_held_out_tasks_keeps_the_plain_average():
     rows = [{"combination": "c", "seed": "0", "task": t, "value": v}
             for t, v in (("copy", "10"), ("average", "10"))]
-    table = report.markdown_table(rows)
+    table = markdown_table(rows)
     assert table.splitlines()[0] == "| setting | copy | average |"
     assert "†" not in table and "Test examples" not in table
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polytask.experiments import report
+from polytask.experiments import conflicts
 from polytask.experiments.ablate import ablate, write_reports
 
 TINY = Path(__file__).parents[2] / "experiments" / "configs" / "tiny.yaml"
@@ -60,7 +60,7 @@ GRID = {("static", 0): [_event(2, ["copy", "reverse", "parity"], [0.9, 0.9, 0.9]
 def test_mean_cosines_averages_each_pair_over_the_events_that_hold_both_tasks():
     events = [_event(4, ["a", "b", "c"], [0.2, -0.4, 0.6]), _event(6, ["c", "a"], [0.8]),
               _event(8, ["b", "a"], [-0.1])]
-    tasks, cos, count = report.mean_cosines(events)
+    tasks, cos, count = conflicts.mean_cosines(events)
     assert tasks == ["a", "b", "c"]
     assert count.tolist() == [[3, 2, 2], [2, 2, 1], [2, 1, 2]]
     expected = [[1.0, (0.2 - 0.1) / 2, (-0.4 + 0.8) / 2],
@@ -68,37 +68,37 @@ def test_mean_cosines_averages_each_pair_over_the_events_that_hold_both_tasks():
                 [(-0.4 + 0.8) / 2, 0.6, 1.0]]
     np.testing.assert_allclose(cos, expected, rtol=0, atol=1e-12)
     # a pair that never met is NaN (a grey cell), not 0 (no conflict)
-    tasks, cos, count = report.mean_cosines([_event(2, ["a", "b"], [0.5]),
-                                             _event(4, ["a", "c"], [-0.5])])
+    tasks, cos, count = conflicts.mean_cosines([_event(2, ["a", "b"], [0.5]),
+                                                _event(4, ["a", "c"], [-0.5])])
     assert count[1, 2] == 0 and math.isnan(cos[1, 2]) and math.isnan(cos[2, 1])
     assert cos[0, 1] == 0.5 and cos[0, 2] == -0.5
 
 
 def test_second_half_and_read_gradients(tmp_path):
     events = [_event(s, ["a", "b"], [0.1 * s]) for s in (1, 2, 3, 4)]
-    assert [e["step"] for e in report.second_half(events, 4)] == [3, 4]
-    assert [e["step"] for e in report.second_half(events, 5)] == [3, 4]
-    assert [e["step"] for e in report.second_half(events, 1)] == [1, 2, 3, 4]
+    assert [e["step"] for e in conflicts.second_half(events, 4)] == [3, 4]
+    assert [e["step"] for e in conflicts.second_half(events, 5)] == [3, 4]
+    assert [e["step"] for e in conflicts.second_half(events, 1)] == [1, 2, 3, 4]
     path = tmp_path / "metrics.jsonl"
     again = _event(2, ["a", "b"], [-0.7])            # a resumed run re-logs step 2: it wins
     recs = [{"event": "train", "step": s} for s in (1, 2, 3)] + events[:2] + [again]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    read, last = report.read_gradients(path)
+    read, last = conflicts.read_gradients(path)
     assert last == 3 and [e["step"] for e in read] == [1, 2] and read[1] == again
-    assert report.read_gradients(tmp_path / "absent.jsonl") == ([], 0)
+    assert conflicts.read_gradients(tmp_path / "absent.jsonl") == ([], 0)
     bad = dict(events[0], cosine=[[1.0, 0.1]])
     path.write_text(json.dumps({"event": "train", "step": 1}) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: .*1 rows for 2 tasks"):
-        report.read_gradients(path)
+        conflicts.read_gradients(path)
 
 
 def test_report_averages_the_second_half_over_seeds_and_logs_every_cosine(tmp_path, monkeypatch):
     drawn = {}
-    real_plot = report.plot_conflicts
+    real_plot = conflicts.plot_conflicts
     def spy(settings, path, without=None):
         drawn.update(settings=settings, without=without)
         real_plot(settings, path, without)
-    monkeypatch.setattr(report, "plot_conflicts", spy)
+    monkeypatch.setattr(conflicts, "plot_conflicts", spy)
     paths = write_reports(tmp_path, _fake_ablation(tmp_path, GRID))
 
     png = paths["conflicts"]
@@ -109,7 +109,7 @@ def test_report_averages_the_second_half_over_seeds_and_logs_every_cosine(tmp_pa
 
     # the CSV: every pair of every event, exactly as logged
     rows = list(csv.DictReader(open(paths["conflicts_csv"])))
-    assert list(rows[0]) == report.CONFLICT_FIELDS
+    assert list(rows[0]) == conflicts.CONFLICT_FIELDS
     logged = {(m, s, e["step"], e["tasks"][i], e["tasks"][j]): (e["cosine"][i][j],
                                                                  e["conflict_fraction"])
               for (m, s), events in GRID.items() for e in events
@@ -124,19 +124,20 @@ def test_report_averages_the_second_half_over_seeds_and_logs_every_cosine(tmp_pa
     assert list(settings) == ["weighting.method=static", "weighting.method=pcgrad"]
     assert [[e["step"] for e in run] for run in settings["weighting.method=pcgrad"]] == \
         [[3, 4], [4]]
-    tasks, cos, count = report.mean_cosines([e for r in settings["weighting.method=static"]
-                                             for e in r])
+    tasks, cos, count = conflicts.mean_cosines([e for r in settings["weighting.method=static"]
+                                                for e in r])
     assert tasks == ["copy", "reverse", "parity"] and count.min() == 2
     np.testing.assert_allclose(cos[0, 1:], [0.0, 0.05], atol=1e-12)   # (-0.2+0.2)/2, (0.4-0.3)/2
     np.testing.assert_allclose(cos[1, 2], -0.1, atol=1e-12)           # (0.1-0.3)/2
-    tasks, cos, count = report.mean_cosines([e for r in settings["weighting.method=pcgrad"]
-                                             for e in r])
+    tasks, cos, count = conflicts.mean_cosines([e for r in settings["weighting.method=pcgrad"]
+                                                for e in r])
     assert count[0, 1] == 3 and count[0, 2] == count[1, 2] == 2       # parity: 2 of 3 events
     np.testing.assert_allclose([cos[0, 1], cos[0, 2], cos[1, 2]],
                                [(-0.5 + 0.1 - 0.6) / 3, (0.5 + 0.3) / 2, (-0.1 + 0.5) / 2],
                                atol=1e-12)
     # conflict fraction per run = mean over its events, then mean ± std over the runs
-    title = report._conflict_title("weighting.method=pcgrad", settings["weighting.method=pcgrad"])
+    title = conflicts._conflict_title("weighting.method=pcgrad",
+                                      settings["weighting.method=pcgrad"])
     fractions = [(2 / 3 + 0) / 2, 1.0]
     assert f"conflicting pairs {np.mean(fractions):.2f} ± {np.std(fractions, ddof=1):.2f} " \
            "(n=2 runs)" in title
@@ -170,7 +171,7 @@ def test_ablate_end_to_end_writes_what_training_logged(tmp_path):
     assert paths["conflicts"].read_bytes()[:8] == PNG
     logged = {}
     for run in sorted((tmp_path / "runs").iterdir()):
-        for e in report.read_gradients(run / "metrics.jsonl")[0]:
+        for e in conflicts.read_gradients(run / "metrics.jsonl")[0]:
             k = len(e["tasks"])
             logged.update({(run.name, e["step"], e["tasks"][i], e["tasks"][j]): e["cosine"][i][j]
                            for i in range(k) for j in range(i + 1, k)})

@@ -8,7 +8,10 @@ import re
 import pytest
 from scipy import stats as scipy_stats
 
-from polytask.experiments import report, stats
+from polytask.experiments import stats
+from polytask.experiments.table import (SIGNIFICANT_MARK, build_table, markdown_table,
+                                        read_example_scores, render_markdown, tex_escape,
+                                        write_table)
 
 TASKS = {"copy": "exact_match", "reverse": "exact_match", "parity": "accuracy"}
 
@@ -101,22 +104,22 @@ DATA = {(NONE, "copy"): [40.0, 44.0, 42.0], (HARD, "copy"): [50.0, 47.0, 53.0],
 
 
 def test_marks_exactly_where_welch_p_is_below_005():
-    table = report.build_table(_rows(DATA), {"copy": "exact_match", "parity": "accuracy"})
-    cells = _cells(report.render_markdown(table))
+    table = build_table(_rows(DATA), {"copy": "exact_match", "parity": "accuracy"})
+    cells = _cells(render_markdown(table))
     marked = 0
     for s in (HARD, SOFT):
         for t in ("copy", "parity"):
             p = scipy_stats.ttest_ind(DATA[(s, t)], DATA[(NONE, t)], equal_var=False).pvalue
             header = next(h for h in cells[s] if h.startswith(t))
-            assert cells[s][header].endswith(report.SIGNIFICANT_MARK) == (p < 0.05), (s, t, p)
+            assert cells[s][header].endswith(SIGNIFICANT_MARK) == (p < 0.05), (s, t, p)
             assert table.cells[(s, t)].p == pytest.approx(p)
             marked += p < 0.05
-    assert marked == 3 and not any(report.SIGNIFICANT_MARK in c for c in cells[NONE].values())
-    assert "Welch's t-test over seeds" in report.render_markdown(table)
+    assert marked == 3 and not any(SIGNIFICANT_MARK in c for c in cells[NONE].values())
+    assert "Welch's t-test over seeds" in render_markdown(table)
 
 
 def test_cells_show_mean_and_ci_and_delta_m():
-    table_md = report.markdown_table(_rows(DATA), {"copy": "exact_match", "parity": "accuracy"})
+    table_md = markdown_table(_rows(DATA), {"copy": "exact_match", "parity": "accuracy"})
     cells = _cells(table_md)
     ci = scipy_stats.t.ppf(0.975, 2) * 3.0 / 3 ** 0.5        # hard/copy: s = 3
     assert cells[HARD]["copy (exact_match)"] == f"**50.0 ± {ci:.1f}**‡"
@@ -127,9 +130,9 @@ def test_cells_show_mean_and_ci_and_delta_m():
 
 def test_one_seed_says_n1_and_without_predictions_skips_the_mark():
     rows = _rows({k: v[:1] for k, v in DATA.items()})
-    table_md = report.markdown_table(rows)
+    table_md = markdown_table(rows)
     assert _cells(table_md)[HARD]["copy"] == "**50.0 (n=1)**"
-    assert report.SIGNIFICANT_MARK + " p" in table_md and "‡" not in "".join(
+    assert SIGNIFICANT_MARK + " p" in table_md and "‡" not in "".join(
         c for row in _cells(table_md).values() for c in row.values())
     assert "no per-example scores (predictions.jsonl) to bootstrap" in table_md
 
@@ -149,16 +152,16 @@ def test_one_seed_with_predictions_uses_the_paired_bootstrap(tmp_path):
     for setting, recs in ((NONE, base + corpus), (HARD, hard + corpus), (SOFT, base)):
         path = tmp_path / f"{setting}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        scores[(setting, "0")] = report.read_example_scores(path)
-    assert report.read_example_scores(tmp_path / "absent.jsonl") is None
+        scores[(setting, "0")] = read_example_scores(path)
+    assert read_example_scores(tmp_path / "absent.jsonl") is None
     assert set(scores[(HARD, "0")]) == {"copy"} and len(scores[(HARD, "0")]["copy"]) == 60
     assert sum(scores[(HARD, "0")]["copy"].values()) == 6000.0           # template 1 ignored
     rows = _rows({k: v[:1] for k, v in DATA.items()})
-    table = report.build_table(rows, example_scores=scores)
+    table = build_table(rows, example_scores=scores)
     assert table.cells[(HARD, "copy")].test == "bootstrap"
     assert table.cells[(HARD, "copy")].p < 0.05 and table.cells[(SOFT, "copy")].p == 1.0
     assert table.cells[(HARD, "parity")].p is None          # parity has no per-example scores
-    md = report.render_markdown(table)
+    md = render_markdown(table)
     assert "paired bootstrap over test examples" in md
     assert "2 task cell(s) untested: no per-example scores for them" in md
     assert _cells(md)[HARD]["copy"].endswith("‡") and not _cells(md)[SOFT]["copy"].endswith("‡")
@@ -168,14 +171,14 @@ def test_malformed_prediction_record_is_named(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text(json.dumps(_prediction("copy", 0, 1.0)) + "\n" + '{"task": "copy"}\n')
     with pytest.raises(ValueError, match=r"predictions.jsonl:2: a prediction record needs"):
-        report.read_example_scores(path)
+        read_example_scores(path)
 
 
 def test_footnote_describes_the_grid_and_a_grid_without_a_none_row():
     rows = _rows({("weighting.method=static, sharing.strategy=hard", "copy"): [1.0, 2.0],
                   ("weighting.method=dwa, sharing.strategy=hard", "copy"): [3.0, 5.0]})
     grid = {"weighting.method": ["static", "dwa"], "sharing.strategy": ["hard"]}
-    md = report.markdown_table(rows, grid=grid)
+    md = markdown_table(rows, grid=grid)
     assert ("Grid: weighting.method ∈ {static, dwa}; sharing.strategy ∈ {hard}; seeds {0, 1}, "
             "n=2 runs per setting") in md
     assert ("baseline: the first setting, weighting.method=static, sharing.strategy=hard "
@@ -183,9 +186,9 @@ def test_footnote_describes_the_grid_and_a_grid_without_a_none_row():
     assert _cells(md)["weighting.method=dwa, sharing.strategy=hard"]["Δm (%)"] == \
         f"**{100 * (4 - 1.5) / 1.5:+.2f}**"   # the best (only) Δm: bold
     assert "Grid: sharing.strategy ∈ {none, hard, soft}; seeds {0, 1, 2}, n=3" in \
-        report.markdown_table(_rows(DATA))                  # without grid: read from the labels
-    no_strategy = report.markdown_table(_rows({("train.lr=0.1", "copy"): [1.0],
-                                               ("train.lr=0.2", "copy"): [2.0]}))
+        markdown_table(_rows(DATA))                         # without grid: read from the labels
+    no_strategy = markdown_table(_rows({("train.lr=0.1", "copy"): [1.0],
+                                        ("train.lr=0.2", "copy"): [2.0]}))
     assert "the first setting, train.lr=0.1 (the grid does not vary sharing.strategy)" in \
         no_strategy
 
@@ -194,7 +197,7 @@ def test_baseline_matches_the_other_grid_values():
     data = {(f"sharing.strategy={s}, weighting.method={w}", "copy"): [v, v + 1]
             for s, w, v in (("none", "static", 10.0), ("none", "dwa", 20.0),
                             ("hard", "static", 15.0), ("hard", "dwa", 10.0))}
-    table = report.build_table(_rows(data))
+    table = build_table(_rows(data))
     assert table.baseline["sharing.strategy=hard, weighting.method=dwa"] == \
         "sharing.strategy=none, weighting.method=dwa"
     assert table.delta_m["sharing.strategy=hard, weighting.method=dwa"] == \
@@ -204,9 +207,9 @@ def test_baseline_matches_the_other_grid_values():
 def test_columns_follow_the_config_order_not_the_alphabet():
     rows = _rows({(NONE, t): [1.0] for t in ("parity", "copy", "reverse")})
     rows += [{"combination": NONE, "seed": "0", "task": "average", "value": "1.0"}]
-    header = report.markdown_table(rows).splitlines()[0]
+    header = markdown_table(rows).splitlines()[0]
     assert header == "| setting | parity | copy | reverse | average |"       # first seen
-    header = report.markdown_table(rows, TASKS).splitlines()[0]             # the run's order
+    header = markdown_table(rows, TASKS).splitlines()[0]                    # the run's order
     assert header == ("| setting | copy (exact_match) | reverse (exact_match) | "
                       "parity (accuracy) | average |")
 
@@ -214,11 +217,11 @@ def test_columns_follow_the_config_order_not_the_alphabet():
 def test_lower_better_metric_is_marked_and_its_best_is_the_smallest():
     rows = _rows({(NONE, "asr"): [20.0, 22.0], (HARD, "asr"): [10.0, 12.0],
                   (NONE, "copy"): [50.0, 50.0], (HARD, "copy"): [60.0, 62.0]})
-    table = report.build_table(rows, {"asr": "wer", "copy": "exact_match"})
-    cells = _cells(report.render_markdown(table))
+    table = build_table(rows, {"asr": "wer", "copy": "exact_match"})
+    cells = _cells(render_markdown(table))
     assert cells[HARD]["asr (wer) ↓"].startswith("**11.0")
     assert table.delta_m[HARD] == pytest.approx(100 / 2 * ((21 - 11) / 21 + (61 - 50) / 50))
-    assert "sign flipped where lower is better" in report.render_markdown(table)
+    assert "sign flipped where lower is better" in render_markdown(table)
 
 
 def test_held_out_columns_are_marked_and_averaged_apart():
@@ -229,8 +232,8 @@ def test_held_out_columns_are_marked_and_averaged_apart():
         data[(s, "average_seen")] = [(a + b) / 2 for a, b in zip(data[(s, "copy")],
                                                                   data[(s, "reverse")])]
         data[(s, "average_held_out")] = data[(s, "parity")]
-    table = report.build_table(_rows(data), TASKS, held_out=["parity"])
-    md = report.render_markdown(table)
+    table = build_table(_rows(data), TASKS, held_out=["parity"])
+    md = render_markdown(table)
     header = md.splitlines()[0]
     assert "| parity† (accuracy) |" in header and "| copy (exact_match) |" in header
     assert header.endswith("| average_seen | average_held_out | Δm (%) | Δm held-out (%) |")
@@ -244,9 +247,9 @@ def test_held_out_columns_are_marked_and_averaged_apart():
 def test_table_tex_looks_compilable_and_table_csv_round_trips(tmp_path):
     data = {(f"{s}, train.lr_scale=1_0", t): v for (s, t), v in DATA.items()}
     data[(f"{SOFT}, train.lr_scale=1_0", "copy")] = [43.0]      # one seed: n=1, no ci
-    table = report.build_table(_rows(data), {"copy": "exact_match", "parity": "accuracy"},
-                               examples={"copy": 5})
-    paths = report.write_table(table, tmp_path)
+    table = build_table(_rows(data), {"copy": "exact_match", "parity": "accuracy"},
+                        examples={"copy": 5})
+    paths = write_table(table, tmp_path)
     tex = paths["table_tex"].read_text()
     assert tex.count("{") == tex.count("}") and tex.count("$") % 2 == 0
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{table}"):
@@ -270,18 +273,18 @@ def test_table_tex_looks_compilable_and_table_csv_round_trips(tmp_path):
         assert (r["delta_m"] == "" and d is None) or float(r["delta_m"]) == d
     assert math.isclose(float(back[1]["copy.p"]), scipy_stats.ttest_ind(
         DATA[(HARD, "copy")], DATA[(NONE, "copy")], equal_var=False).pvalue)
-    assert paths["table"].read_text() == report.render_markdown(table)
+    assert paths["table"].read_text() == render_markdown(table)
 
 
 def test_unknown_metric_direction_is_named():
-    md = report.markdown_table(_rows(DATA), {"copy": "made-up", "parity": "accuracy"})
+    md = markdown_table(_rows(DATA), {"copy": "made-up", "parity": "accuracy"})
     assert "Direction unknown, taken as higher-better: copy (made-up)." in md
 
 
 def test_zero_baseline_gives_no_delta_m_and_says_why():
-    md = report.markdown_table(_rows({(NONE, "copy"): [0.0, 0.0], (HARD, "copy"): [5.0, 7.0]}))
+    md = markdown_table(_rows({(NONE, "copy"): [0.0, 0.0], (HARD, "copy"): [5.0, 7.0]}))
     assert _cells(md)[HARD]["Δm (%)"] == "–" and "a baseline value is 0" in md
-    same = report.markdown_table(_rows({
+    same = markdown_table(_rows({
         (NONE, "copy"): [1.0, 1.0], (HARD, "copy"): [1.0, 1.0],
         (NONE, "parity"): [1.0, 2.0], (HARD, "parity"): [5.0, 6.0]}))
     assert "1 cell(s) not tested: the same value in every seed on both sides." in same
@@ -289,5 +292,5 @@ def test_zero_baseline_gives_no_delta_m_and_says_why():
 
 
 def test_tex_escape():
-    assert report.tex_escape("a_b & 50% #1 {x} ~^\\") == \
+    assert tex_escape("a_b & 50% #1 {x} ~^\\") == \
         r"a\_b \& 50\% \#1 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}"

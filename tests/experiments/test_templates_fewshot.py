@@ -14,6 +14,7 @@ from polytask.experiments.config import DataConfig, load_config
 from polytask.experiments.evaluate import (demonstration_indices, eval_examples, templated,
                                            template_count)
 from polytask.experiments.runs import evaluate_run, load_run, train_run
+from polytask.experiments.table import markdown_table
 
 ROOT = Path(__file__).parents[2]
 TINY = ROOT / "experiments" / "configs" / "tiny.yaml"
@@ -179,7 +180,7 @@ def test_table_footnotes_few_shot_runs(runs):
                      + "."]
     rows = [{"combination": "data.eval_shots=2", "seed": "0", "task": t, "value": str(v)}
             for t, v in shots["test"].items()]
-    assert report.markdown_table(rows, notes=notes).rstrip().endswith(notes[0])
+    assert markdown_table(rows, notes=notes).rstrip().endswith(notes[0])
     assert report.evaluation_notes([every]) == []
 
 
