@@ -14,6 +14,7 @@ figures are recorded in docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -31,6 +32,28 @@ SUBCOMMANDS = {
     "weighting": "polytask.experiments.bench.weighting",
 }
 NOT_IN_ALL = ("triton", "weighting")   # a GPU's; tens of minutes on a CPU
+
+
+def output_options(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--json``, which the CPU benchmarks share (read by :func:`parse` and
+    :func:`emit`)."""
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the results to this path")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``argv`` parsed; ``--threads`` sets torch's thread count before anything is timed."""
+    args = p.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def error_text(err: BaseException, limit: int | None = None) -> str:
+    """``Type: message`` on one line (at most ``limit`` characters), for a failed measurement
+    recorded in a table or JSON instead of stopping the benchmark."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:limit]
 
 
 def emit(result: dict[str, Any], table: str, json_path: str | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch
 
 from polytask.core.accelerate import accelerated
 from polytask.core.decoding.generation import generate
-from polytask.experiments.bench import emit
+from polytask.experiments.bench import emit, output_options, parse
 from polytask.experiments.bench.attention import round_robin
 from polytask.experiments.bench.flops import CLOCKS
 from polytask.experiments.bench.peers import SIZES, Size, build_all
@@ -133,18 +133,15 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--lengths", type=int, nargs="+", default=[32, 256], help="output lengths")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (steadier on a loaded machine)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face peer")
-    p.add_argument("--json", default=None, help="also write the results to this path")
+    output_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser(), argv)
     TIMER["clock"] = CLOCKS[args.clock]
     overrides = {k: getattr(args, k) for k in ("d_model", "layers", "batch", "length", "vocab")
                  if getattr(args, k) is not None}

@@ -44,7 +44,7 @@ import torch
 from polytask.attention.functional import scaled_dot_product_attention
 from polytask.core.accelerate import accelerated
 from polytask.core.training.optim import make_optimizer
-from polytask.experiments.bench import emit
+from polytask.experiments.bench import emit, error_text
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.flops import step_flops
 from polytask.experiments.bench.peers import SIZES, Contender, build_all, polytask_config
@@ -97,10 +97,6 @@ def call_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
-
-
 def attention(device: torch.device, lengths: list[int], batch: int, heads: int, dim: int,
               warmup: int, reps: int, peak: float) -> list[dict]:
     """One row per (backend, length): time, tokens/s, TFLOP/s, fraction of peak, memory."""
@@ -129,7 +125,7 @@ def attention(device: torch.device, lengths: list[int], batch: int, heads: int, 
                            tflops=flops / seconds / 1e12, fraction_of_peak=flops / seconds / 1e12
                            / peak, peak_mib=call_bytes(step, device) / MIB)
             except Exception as err:  # noqa: BLE001 - e.g. out of memory: reported, not fatal
-                row["error"] = _one_line(err)
+                row["error"] = error_text(err, 500)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for row in rows:
@@ -194,7 +190,7 @@ def train(device: torch.device, sizes: list[str], models: list[str], bf16: bool,
                            tflops=flops / seconds / 1e12,
                            fraction_of_peak=flops / seconds / 1e12 / peak, peak_mib=peak_b / MIB)
             except Exception as err:  # noqa: BLE001
-                row["error"] = _one_line(err)
+                row["error"] = error_text(err, 500)
             finally:
                 built = step = opt = None  # noqa: F841 - free the model before the next
                 gc.collect()

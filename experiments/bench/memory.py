@@ -51,7 +51,7 @@ from polytask.core.data.batch import IGNORE_INDEX, Batch
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.config import ModelConfig
 from polytask.core.training.optim import make_optimizer
-from polytask.experiments.bench import emit
+from polytask.experiments.bench import emit, output_options, parse
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.train import state_bytes
 from polytask.heads import build_model
@@ -201,15 +201,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     p.add_argument("--weightings", nargs="+", default=None, choices=losses.WEIGHTINGS.names(),
                    help="default: every registered weighting")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", default=None, help="also write the results to this path")
+    output_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser(), argv)
     size = Size(**{k: getattr(args, k) for k in ("d_model", "layers", "d_ff", "vocab", "heads",
                                                  "batch", "length", "tasks")})
     result = run(size, args.weightings)

@@ -37,7 +37,7 @@ import torch
 
 from polytask.core.accelerate import accelerated
 from polytask.core.training.optim import make_optimizer
-from polytask.experiments.bench import emit
+from polytask.experiments.bench import emit, output_options, parse
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.flops import CLOCKS, matmul_peak, onednn_matmul_peak, step_flops
 from polytask.experiments.bench.peers import BUILDERS, SIZES, Contender, Size, build_all, polytask_config
@@ -186,12 +186,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     p.add_argument("--peer-optimizer", choices=["default", "fused"], default="default")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (steadier on a loaded machine "
                         "with --threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
-    p.add_argument("--json", default=None, help="also write the results to this path")
+    output_options(p)
     return p
 
 
@@ -202,9 +201,7 @@ def sized(args: argparse.Namespace) -> Size:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser(), argv)
     result = run(sized(args), args.models, warmup=args.warmup, rounds=args.rounds,
                  steps=args.steps, peer_optimizer=args.peer_optimizer, memory=not args.no_memory,
                  clock=args.clock)

@@ -62,7 +62,7 @@ from polytask.core.accelerate import accelerated
 from polytask.core.data.task_data import TaskData, read_records
 from polytask.core.data.tokenizer import Tokenizer
 from polytask.core.data.tasks import TaskSpec
-from polytask.experiments.bench import emit
+from polytask.experiments.bench import emit, error_text, output_options, parse
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.train import state_bytes
 from polytask.experiments.build import build_parts, build_run, tokenizer_corpus
@@ -191,10 +191,6 @@ def step_peak(step: Callable[[], int], device: str) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
-
-
 def measure_k(k: int, methods: list[str], size: str, tokenizer: Tokenizer, *, examples: int,
               warmup: int, rounds: int, steps: int, device: str, bf16: bool
               ) -> tuple[list[dict], dict[str, str]]:
@@ -220,7 +216,7 @@ def measure_k(k: int, methods: list[str], size: str, tokenizer: Tokenizer, *, ex
             except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
                 if n == 0:
                     raise
-                errors[method] = _one_line(err)
+                errors[method] = error_text(err)
         for _ in range(rounds):
             for c in list(alive):
                 try:
@@ -231,7 +227,7 @@ def measure_k(k: int, methods: list[str], size: str, tokenizer: Tokenizer, *, ex
                 except Exception as err:  # noqa: BLE001
                     if c.method == methods[0]:
                         raise
-                    errors[c.method] = _one_line(err)
+                    errors[c.method] = error_text(err)
                     alive.remove(c)
         for c in alive:
             step_bytes = step_peak(c.step, device)
@@ -338,15 +334,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
     p.add_argument("--device", default="cpu", help="train.device (cpu, cuda)")
     p.add_argument("--bf16", action="store_true", help="train.bf16: autocast to bfloat16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", default=None, help="also write the results to this path")
+    output_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser(), argv)
     result = run(args.tasks, args.methods, size=args.size, examples=args.examples,
                  warmup=args.warmup, rounds=args.rounds, steps=args.steps, device=args.device,
                  bf16=args.bf16)
