@@ -49,9 +49,11 @@ from tqdm import tqdm
 from polytask.core.training.checkpoint import latest_checkpoint
 from polytask.core.training.lock import LOCK as RUN_LOCK, hold as hold_run_dir
 from polytask.experiments import conflicts, plots, report
-from polytask.experiments.config import RunConfig, apply_overrides, load_yaml, parse_overrides
+from polytask.experiments.config import RunConfig
+from polytask.experiments.config_files import apply_overrides, load_yaml, parse_overrides
 from polytask.experiments.runs import metric_names, train_run
-from polytask.experiments.table import build_table, read_example_scores, write_table
+from polytask.experiments.table import build_table, read_example_scores
+from polytask.experiments.table_files import write_table
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

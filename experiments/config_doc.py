@@ -3,7 +3,7 @@
     python -m polytask.experiments.config_doc > docs/config.md
 
 Each key's type, default and allowed values come from its dataclass field (``Literal`` choices,
-the :func:`polytask.core.model.config.bounds` metadata that :func:`check_fields` enforces, and
+the :func:`polytask.core.model.fields.bounds` metadata that :func:`check_fields` enforces, and
 the registries for names such as ``weighting.method``); the options of losses and weightings
 come from their constructors' signatures, as :meth:`Registry.check_options` reads them. The
 one line of meaning is, in this order: ``field(metadata={"doc": ...})``, the entry for the
@@ -26,7 +26,8 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from polytask.core.data.tasks import TaskSpec
-from polytask.core.model.config import UNBOUNDED, ModelConfig
+from polytask.core.model.config import ModelConfig
+from polytask.core.model.fields import UNBOUNDED
 from polytask.core.peft.options import OPTIONS as PEFT_OPTIONS
 from polytask.experiments.config import (DEVICE_FORMS, DataConfig, RunConfig, TrainConfig,
                                          WeightingConfig)

@@ -4,8 +4,8 @@
 
 Each evaluation of a run that shares parameters between two or more tasks logs an event
 ``{"event": "gradients", "step", "tasks", "cosine": k x k, "conflict_fraction", ...}``
-(experiments.train.gradient_conflicts). ``tasks`` follows the step's last micro-batch, so a
-task can be missing from some events: everything here aligns tasks by name.
+(experiments.task_gradients.gradient_conflicts). ``tasks`` follows the step's last micro-batch,
+so a task can be missing from some events: everything here aligns tasks by name.
 """
 from __future__ import annotations
 

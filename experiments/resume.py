@@ -33,7 +33,8 @@ from polytask.core.training.manifest import (MANIFEST, atomic_write, read_json, 
                                              remove_file, sha256, unverified_note, verify_file,
                                              write_json)
 from polytask.experiments.build import Parts, seed_everything
-from polytask.experiments.config import RunConfig, apply_overrides, parse_overrides
+from polytask.experiments.config import RunConfig
+from polytask.experiments.config_files import apply_overrides, parse_overrides
 
 #: the run's best validation weights (with ``train.save_base: false``, the trained tensors only)
 BEST = "best.safetensors"

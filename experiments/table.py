@@ -1,15 +1,15 @@
-"""The ablation table: ``results.csv`` -> ``table.md`` / ``table.csv`` / ``table.tex``.
+"""The ablation table: ``results.csv`` -> its statistics and ``table.md``.
 
-The table (:func:`build_table`, rendered by :func:`render_markdown`, :func:`table_csv_rows`,
-:func:`render_latex`) has one row per grid combination in config order and one column per task
-in the run's task order, then the averages and Δm. Each cell is the mean ± the half-width of
-its 95% confidence interval over seeds (t distribution; "n=1" for one seed), marked ``‡`` where
-it differs from the baseline cell at p < 0.05 (Welch's t-test over seeds, or with one seed a
-paired bootstrap over the test examples of ``predictions.jsonl``). Δm is the mean relative
-change against the baseline (:mod:`polytask.experiments.stats`). The baseline is the
-combination with ``sharing.strategy = none`` and otherwise the same settings when the grid has
-one, else the first combination; the footnotes say which, with the grid, seeds and tests used.
-The best mean of each column is bold (the smallest for a lower-is-better metric, marked ↓).
+The table (:func:`build_table`, rendered by :func:`render_markdown`; as ``table.csv`` and
+``table.tex`` by :mod:`polytask.experiments.table_files`) has one row per grid combination in config
+order and one column per task in the run's task order, then the averages and Δm. Each cell is the
+mean ± the half-width of its 95% confidence interval over seeds (t distribution; "n=1" for one
+seed), marked ``‡`` where it differs from the baseline cell at p < 0.05 (Welch's t-test over seeds,
+or with one seed a paired bootstrap over the test examples of ``predictions.jsonl``). Δm is the mean
+relative change against the baseline (:mod:`polytask.experiments.stats`). The baseline is the
+combination with ``sharing.strategy = none`` and otherwise the same settings when the grid has one,
+else the first combination; the footnotes say which, with the grid, seeds and tests used. The best
+mean of each column is bold (the smallest for a lower-is-better metric, marked ↓).
 
 Averages: ``average_seen`` (trained tasks) and ``average_held_out`` (held-out tasks, scored
 zero-shot) are separate columns; results without them (older runs) show ``average``
@@ -19,7 +19,6 @@ the caller's ``notes`` (few-shot demonstrations, say) follow them.
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import defaultdict
@@ -317,85 +316,6 @@ def markdown_table(rows: list[dict[str, str]], metric_names: dict[str, str] | No
                    notes: list[str] | None = None, **options: Any) -> str:
     """``table.md``: :func:`build_table` (same arguments) rendered as markdown."""
     return render_markdown(build_table(rows, metric_names, held_out, examples, notes, **options))
-
-
-def table_csv_rows(table: Table) -> list[dict[str, Any]]:
-    """``table.csv``: one row per setting; per column its mean, ci, n and p (empty where
-    undefined), then Δm. Floats are written in full (``repr``), so the file round-trips."""
-    out = []
-    for s in table.settings:
-        row: dict[str, Any] = {"setting": s, "baseline": table.baseline.get(s, "")}
-        for c in table.columns:
-            cell = table.cells.get((s, c))
-            row.update({f"{c}.mean": cell and cell.mean, f"{c}.ci": cell and cell.ci,
-                        f"{c}.n": cell and len(cell.values), f"{c}.p": cell and cell.p})
-        row["delta_m"] = table.delta_m.get(s)
-        if table.held:
-            row["delta_m_held_out"] = table.delta_m_held.get(s)
-        out.append({k: "" if v is None else repr(v) if isinstance(v, float) else v
-                    for k, v in row.items()})
-    return out
-
-
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-        "±": r"$\pm$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "Δ": r"$\Delta$",
-        "∈": r"$\in$", "−": "-", "–": "--", "↓": r"$\downarrow$", "<": r"$<$", ">": r"$>$"}
-
-
-def tex_escape(text: str) -> str:
-    """``text`` as LaTeX source: special characters escaped, the table's symbols in math."""
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
-
-
-def render_latex(table: Table) -> str:
-    """``table.tex``: a booktabs table (needs ``\\usepackage{booktabs}``), best mean bold,
-    significance marks as superscripts, the footnotes as the caption."""
-    def cell(s: str, c: str) -> str:
-        x = table.cells.get((s, c))
-        if x is None:
-            return "--"
-        text = f"{x.mean:.1f}" + (r" ($n{=}1$)" if x.ci is None else rf" $\pm$ {x.ci:.1f}")
-        best = table.best(c)
-        if best is not None and abs(x.mean - best) < 1e-9:
-            text = rf"\textbf{{{text}}}"
-        return text + (r"$^\ddagger$" if stats.significant(x.p) else "")
-
-    def delta(s: str, held: bool = False) -> str:
-        text = _delta_text(table, s, held)
-        plain = tex_escape(text.strip("*"))
-        return rf"\textbf{{{plain}}}" if text.startswith("**") else plain
-
-    header = ["setting"] + [_header(table, c) for c in table.columns]
-    if table.compared:
-        header += ["Δm (%)"] + (["Δm held-out (%)"] if table.held else [])
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-             " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for s in table.settings:
-        out = [tex_escape(s)] + [cell(s, c) for c in table.columns]
-        if table.compared:
-            out += [delta(s)] + ([delta(s, True)] if table.held else [])
-        lines.append(" & ".join(out) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              r"\caption{" + tex_escape(" ".join(table.footnotes)) + "}",
-              r"\end{table}"]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(table: Table, out: str | Path) -> dict[str, Path]:
-    """``table.md``, ``table.csv`` and ``table.tex`` in ``out``; returns their paths."""
-    out = Path(out)
-    paths = {"table": out / "table.md", "table_csv": out / "table.csv",
-             "table_tex": out / "table.tex"}
-    paths["table"].write_text(render_markdown(table))
-    rows = table_csv_rows(table)
-    with open(paths["table_csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting"])
-        w.writeheader()
-        w.writerows(rows)
-    paths["table_tex"].write_text(render_latex(table))
-    return paths
 
 
 def _footnotes(held: list[str], examples: dict[str, int]) -> list[str]:

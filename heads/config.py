@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from polytask.core.data.tasks import TaskSpec
-from polytask.core.model.config import bounds, check_fields, from_dict
+from polytask.core.model.fields import bounds, check_fields, from_dict
 
 STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
 

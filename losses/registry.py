@@ -29,7 +29,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from torch import nn
 
-from polytask.core.model.config import check_value, short_repr
+from polytask.core.model.fields import check_value, short_repr
 
 T = TypeVar("T", bound=Callable)
 

@@ -24,13 +24,15 @@ import torch
 
 from polytask import losses
 from polytask.core.data.tasks import TaskSpec
-from polytask.core.model.config import (Bounds, ModelConfig, bounds, check_memory,
-                                        format_bytes, parameter_estimate)
+from polytask.core.model.config import (ModelConfig, check_memory, format_bytes,
+                                        parameter_estimate)
+from polytask.core.model.fields import Bounds, bounds
 from polytask.core.model.transformer import EncoderDecoder
 from polytask.experiments.build import build_run
 from polytask.experiments.cli import main
-from polytask.experiments.config import (MAX_DEPTH, MAX_VALUES, RunConfig, apply_overrides,
-                                         check_device, load_config, parse_overrides)
+from polytask.experiments.config import RunConfig, check_device, load_config
+from polytask.experiments.config_files import (MAX_DEPTH, MAX_VALUES, apply_overrides,
+                                               parse_overrides)
 from polytask.heads.config import SharingConfig
 from polytask.heads.objective import MultiTaskObjective
 from polytask.losses.registry import Registry

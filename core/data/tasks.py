@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from polytask.core.model.config import bounds, check_fields, from_dict
+from polytask.core.model.fields import bounds, check_fields, from_dict
 
 Kind = Literal["generation", "classification"]
 Head = Literal["auto", "lm", "classifier", "rank"]

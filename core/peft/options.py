@@ -1,12 +1,12 @@
 """The options of each PEFT method as a typed dataclass: an unknown option, or a value of the
-wrong type or range (every float finite: :func:`polytask.core.model.config.check_fields`),
+wrong type or range (every float finite: :func:`polytask.core.model.fields.check_fields`),
 fails naming it and the accepted options (YAML: ``train.peft``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from polytask.core.model.config import bounds, check_fields
+from polytask.core.model.fields import bounds, check_fields
 
 
 def _check_targets(targets: str | list[str], where: str) -> list[str]:

@@ -66,7 +66,8 @@ from polytask.experiments.bench import emit, error_text, output_options, parse
 from polytask.experiments.bench.attention import peak_bytes
 from polytask.experiments.bench.train import state_bytes
 from polytask.experiments.build import build_parts, build_run, tokenizer_corpus
-from polytask.experiments.config import RunConfig, load_yaml
+from polytask.experiments.config import RunConfig
+from polytask.experiments.config_files import load_yaml
 from polytask.experiments.suite import load_suite, task_spec
 from polytask.experiments.train import _accumulate, _after_step, _observes_steps, _update
 

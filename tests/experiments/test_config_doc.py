@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from polytask.core.data.tokenizer import Tokenizer
-from polytask.core.model.config import bounds
+from polytask.core.model.fields import bounds
 from polytask.core.peft.options import OPTIONS as PEFT_OPTIONS
 from polytask.experiments import config_doc
 from polytask.experiments.cli import main

@@ -10,8 +10,8 @@ from scipy import stats as scipy_stats
 
 from polytask.experiments import stats
 from polytask.experiments.table import (SIGNIFICANT_MARK, build_table, markdown_table,
-                                        read_example_scores, render_markdown, tex_escape,
-                                        write_table)
+                                        read_example_scores, render_markdown)
+from polytask.experiments.table_files import tex_escape, write_table
 
 TASKS = {"copy": "exact_match", "reverse": "exact_match", "parity": "accuracy"}
 

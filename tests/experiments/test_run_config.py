@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from polytask.experiments.ablate import expand_grid, plan
-from polytask.experiments.config import RunConfig, apply_overrides, load_config, parse_overrides
+from polytask.experiments.config import RunConfig, load_config
+from polytask.experiments.config_files import apply_overrides, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
 
