@@ -17,6 +17,14 @@ at the largest size sentencepiece says it supports, with one note on stderr (the
 ``Tokenizer.vocab_size`` reports the size actually built, which is what
 ``ModelConfig.vocab_size`` must be at least.
 
+Sentinels for self-supervised pretraining (:mod:`polytask.core.data.noising`):
+``train(..., sentinels=n)`` adds T5's pieces ``<extra_id_0>`` ... ``<extra_id_{n-1}>`` as
+user-defined pieces right after ``[SEP]`` (ids 5 ... 4 + n; every other special id is unchanged),
+so they are never split; :attr:`Tokenizer.sentinel_ids` lists them, extra_id_0 first. T5 puts
+them at the top of its vocabulary in decreasing order; only the names matter to the objective.
+BART's single mask token is :attr:`Tokenizer.mask_id`, which reuses ``<extra_id_0>``: a model is
+pretrained with one objective at a time, so the two never meet.
+
 :class:`TextTokenizer` is the interface every tokenizer polytask trains or evaluates with
 follows: this module's :class:`Tokenizer`, and a pretrained checkpoint's own
 (:mod:`polytask.core.data.pretrained_tokenizers`).
@@ -34,6 +42,11 @@ import sentencepiece as spm
 from polytask.core.data.task_data import SEP
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID = 0, 1, 2, 3, 4
+
+
+def sentinel_piece(k: int) -> str:
+    """T5's name of the ``k``-th sentinel."""
+    return f"<extra_id_{k}>"
 
 
 @runtime_checkable
@@ -113,12 +126,14 @@ class Tokenizer:
         if self.sp.get_piece_size() <= SEP_ID + 1:
             raise ValueError(f"sentencepiece model has {self.sp.get_piece_size()} pieces, only "
                              "the special ones; it cannot encode text")
+        self._sentinel_ids = _sentinel_ids(self.sp)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int,
               model_type: Literal["unigram", "bpe"] = "unigram", *,
               hard_vocab_limit: bool = True, max_sentence_length: int = 16384,
-              seed_sentencepiece_size: int = 100_000, fit_vocab: bool = True) -> "Tokenizer":
+              seed_sentencepiece_size: int = 100_000, fit_vocab: bool = True,
+              sentinels: int = 0) -> "Tokenizer":
         """Train on ``texts`` (e.g. every source and target of the training splits).
 
         Args:
@@ -129,23 +144,29 @@ class Tokenizer:
             fit_vocab: when the corpus cannot support ``vocab_size``, retrain at the largest
                 size sentencepiece's error states (``Please set it to a value <= N``) and say
                 so once on stderr; False raises instead.
+            sentinels: number of T5 sentinel pieces ``<extra_id_k>`` to add after ``[SEP]``
+                (for span corruption); they count towards ``vocab_size``.
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"unknown model_type {model_type!r}; choose 'unigram' or 'bpe'")
-        if vocab_size <= SEP_ID + 1:
-            raise ValueError(f"vocab_size ({vocab_size}) must exceed the {SEP_ID + 1} special ids")
+        if not isinstance(sentinels, int) or sentinels < 0:
+            raise ValueError(f"sentinels ({sentinels!r}) must be an integer >= 0")
+        if vocab_size <= SEP_ID + 1 + sentinels:
+            raise ValueError(f"vocab_size ({vocab_size}) must exceed the {SEP_ID + 1} special ids "
+                             f"and {sentinels} sentinels")
         corpus = [t for t in texts if t and t.strip()]
         if not corpus:
             raise ValueError("cannot train a tokenizer on an empty corpus")
         options = dict(model_type=model_type, hard_vocab_limit=hard_vocab_limit,
                        max_sentence_length=max_sentence_length,
-                       seed_sentencepiece_size=seed_sentencepiece_size)
+                       seed_sentencepiece_size=seed_sentencepiece_size,
+                       symbols=[SEP] + [sentinel_piece(k) for k in range(sentinels)])
         try:
             return cls(_train_model(corpus, vocab_size, **options))
         except RuntimeError as err:
             error = err
         largest = _supported_size(str(error))
-        if fit_vocab and largest is not None and SEP_ID + 1 < largest < vocab_size:
+        if fit_vocab and largest is not None and SEP_ID + 1 + sentinels < largest < vocab_size:
             try:
                 model = _train_model(corpus, largest, **options)
             except RuntimeError:
@@ -183,6 +204,19 @@ class Tokenizer:
 
     pad_id, unk_id, bos_id, eos_id, sep_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, SEP_ID
 
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in that order; empty if none."""
+        return list(self._sentinel_ids)
+
+    @property
+    def mask_id(self) -> int:
+        """BART's mask token for text infilling: ``<extra_id_0>`` (see the module docstring)."""
+        if not self._sentinel_ids:
+            raise ValueError("this tokenizer has no mask token: train it with sentinels >= 1 "
+                             "(Tokenizer.train(..., sentinels=n))")
+        return self._sentinel_ids[0]
+
     def encode(self, text: str) -> list[int]:
         """Piece ids of ``text``, without bos / eos (the collator adds them)."""
         return self.sp.encode(text, out_type=int)
@@ -211,7 +245,8 @@ class Tokenizer:
 
 
 def _train_model(corpus: list[str], vocab_size: int, *, model_type: str, hard_vocab_limit: bool,
-                 max_sentence_length: int, seed_sentencepiece_size: int) -> bytes:
+                 max_sentence_length: int, seed_sentencepiece_size: int,
+                 symbols: list[str]) -> bytes:
     """The serialized sentencepiece model trained on ``corpus`` (``RuntimeError`` if it fails)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -219,10 +254,19 @@ def _train_model(corpus: list[str], vocab_size: int, *, model_type: str, hard_vo
         model_type=model_type, character_coverage=1.0,
         normalization_rule_name="identity", hard_vocab_limit=hard_vocab_limit,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        user_defined_symbols=[SEP], max_sentence_length=max_sentence_length,
+        user_defined_symbols=symbols, max_sentence_length=max_sentence_length,
         seed_sentencepiece_size=seed_sentencepiece_size,
         num_threads=1, minloglevel=2)  # one thread: deterministic, and we share 2 cores
     return model.getvalue()
+
+
+def _sentinel_ids(sp: spm.SentencePieceProcessor) -> tuple[int, ...]:
+    """Ids of the consecutive pieces ``<extra_id_0>``, ``<extra_id_1>``, ... the model holds
+    (``piece_to_id`` answers unk for a piece it does not have)."""
+    ids: list[int] = []
+    while (i := sp.piece_to_id(sentinel_piece(len(ids)))) != UNK_ID:
+        ids.append(i)
+    return tuple(ids)
 
 
 def _supported_size(message: str) -> int | None:
