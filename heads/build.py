@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from polytask.core.model.config import ModelConfig
 from polytask.core.data.tasks import TaskSpec
@@ -15,9 +16,12 @@ from polytask.core.model.transformer import EncoderDecoder
 from polytask.heads.classifier import ClassifierHead
 from polytask.heads.config import SharingConfig
 from polytask.heads.cross_stitch import CrossStitch
+from polytask.heads.experts import MIXTURES, SlotTransform, mixture_transform
 from polytask.heads.model import MultiTaskModel
-from polytask.heads.plan import make_plan
+from polytask.heads.task_adapters import TaskAdapterOptions, adapter_transform, freeze_backbone
+from polytask.heads.plan import SharingPlan, make_plan
 from polytask.heads.rank import RankHead
+from polytask.heads.slots import get_slot, set_slot
 from polytask.losses.adversarial import GradientReversal, TaskDiscriminator
 
 
@@ -83,7 +87,41 @@ def build_model(model_config: ModelConfig | Any, tasks: list[TaskSpec] | None = 
                      if sharing.adversarial else None)
     stitch = (CrossStitch(len(specs), model_config.n_encoder_layers, model_config.n_decoder_layers)
               if sharing.cross_stitch else None)
-    return MultiTaskModel(backbones, specs, plan, heads, discriminator, stitch)
+    transforms: list[SlotTransform] = []
+    if sharing.strategy in MIXTURES:
+        transforms.append(mixture_transform(sharing, model_config,
+                                            dict(zip(plan.tasks, backbones)),
+                                            upcycle=pretrained is not None))
+    adapters = TaskAdapterOptions.from_dict(sharing.adapters) if sharing.adapters else None
+    if adapters is not None:   # per-task LoRA (heads.task_adapters), after the experts
+        transforms.append(adapter_transform(adapters, specs))
+    apply_transforms(backbones, plan, transforms)
+    model = MultiTaskModel(backbones, specs, plan, heads, discriminator, stitch)
+    if adapters is not None and adapters.freeze:
+        freeze_backbone(model)
+    return model
+
+
+def apply_transforms(backbones: list[EncoderDecoder], plan: SharingPlan,
+                     transforms: list[SlotTransform]) -> None:
+    """Per-slot transforms (mixtures of experts, per-task adapters): for every slot and group,
+    ``transform(slot, module, group)`` returns the group's module, or None to leave it. The
+    first transform receives the slot's BASE module (task 0's), so that what it builds for
+    each group (typically a :func:`polytask.heads.forks.fork`) shares the base's tensors;
+    each later one receives the previous result for that group. The result is installed in
+    the backbone of every task of the group, where :class:`MultiTaskModel` picks it up."""
+    if not transforms:
+        return
+    index = {name: i for i, name in enumerate(plan.tasks)}
+    for slot in plan.slots:
+        base = get_slot(backbones[0], slot)
+        for group in plan.groups(slot):
+            module: nn.Module | None = None
+            for transform in transforms:
+                module = transform(slot, base if module is None else module, group) or module
+            if module is not None:
+                for name in group:
+                    set_slot(backbones[index[name]], slot, module)
 
 
 @torch.no_grad()

@@ -18,6 +18,11 @@ build and with which options:
   float or ``"schedule"`` (Ganin & Lempitsky 2015: ``2 / (1 + exp(-gamma * p)) - 1`` with
   training progress ``p`` in [0, 1] and ``grl_gamma`` = 10), plus the orthogonality penalty
   ``||S^T P||_F^2`` weighted by ``orthogonality_weight``.
+* mixtures of experts (:mod:`polytask.heads.experts`): ``mmoe`` (Ma et al. 2018: every task
+  gates over ``experts`` shared feed-forward experts) and ``ple`` (Tang et al. 2020, CGC:
+  ``shared_experts`` shared plus ``task_experts`` of the task's own), optionally sparse
+  (``top_k``) and with a load-balancing loss (``balance_weight``).
+* ``adapters``: per-task adapters (options validated by ``heads.task_adapters``).
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ from typing import Any, Callable, Literal, Sequence
 
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.fields import bounds, check_fields, from_dict
+from polytask.heads.task_adapters import TaskAdapterOptions
 
-STRATEGIES = ("none", "hard", "soft", "hierarchical")  # built in; more via heads.register_plan
+# built in; more via heads.register_plan
+STRATEGIES = ("none", "hard", "soft", "hierarchical", "mmoe", "ple")
 
 
 @dataclass
@@ -40,7 +47,7 @@ class SharingConfig:
     counts of the model when the plan is built (:func:`polytask.heads.plan.make_plan`).
     """
 
-    # which layers tasks share: none, hard, soft, hierarchical or a registered plan
+    # which layers tasks share: none, hard, soft, hierarchical, mmoe, ple or a registered plan
     strategy: str = "hard"
     # hierarchical: bottom layers of each stack shared by all tasks
     shared_layers: int = field(default=1, metadata=bounds(ge=0))
@@ -66,6 +73,18 @@ class SharingConfig:
     grl_gamma: float = field(default=10.0, metadata=bounds(gt=0))
     # weight of the shared-private orthogonality penalty
     orthogonality_weight: float = field(default=0.0, metadata=bounds(ge=0))
+    # mmoe: shared feed-forward experts per layer, gated per task
+    experts: int = field(default=2, metadata=bounds(ge=1))
+    # ple: shared feed-forward experts per layer
+    shared_experts: int = field(default=1, metadata=bounds(ge=0))
+    # ple: each task's own feed-forward experts per layer
+    task_experts: int = field(default=1, metadata=bounds(ge=1))
+    # mmoe/ple: experts kept per token (largest gate values, renormalised); None: all
+    top_k: int | None = field(default=None, metadata=bounds(ge=1, null="every expert (dense)"))
+    # mmoe/ple: weight of the Switch load-balancing loss (Fedus et al. 2021)
+    balance_weight: float = field(default=0.0, metadata=bounds(ge=0))
+    # per-task adapters: options of heads.task_adapters (empty: none)
+    adapters: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, "sharing")   # types, and the bounds above (every float finite)
@@ -86,6 +105,38 @@ class SharingConfig:
             raise ValueError(
                 f"sharing.orthogonality_weight = {self.orthogonality_weight} needs both shared "
                 f"and private layers (strategy 'hierarchical'), got {self.strategy!r}")
+        self._check_experts()
+        self._check_adapters()
+
+    def _check_adapters(self) -> None:
+        """``adapters`` fork the ONE base layer of each slot per adapter group, so every layer
+        slot must start shared by all tasks: ``hard``, or ``mmoe`` / ``ple`` (shared forks)."""
+        if not self.adapters:
+            return
+        TaskAdapterOptions.from_dict(self.adapters)   # names sharing.adapters.<key>
+        if self.strategy not in ("hard", "mmoe", "ple"):
+            raise ValueError(f"sharing.adapters adds per-task adapters to a backbone all tasks "
+                             f"share, but sharing.strategy = {self.strategy!r} gives tasks their "
+                             "own layers; use 'hard', 'mmoe' or 'ple'")
+
+    def _check_experts(self) -> None:
+        """The mixture options act on ``mmoe`` / ``ple`` only; like ``shared_layers``, the
+        expert counts are ignored by other strategies, but a gate option that changes the
+        training (``top_k``, ``balance_weight``) is refused there."""
+        if self.strategy not in ("mmoe", "ple"):
+            for key, value, default in (("top_k", self.top_k, None),
+                                        ("balance_weight", self.balance_weight, 0.0)):
+                if value != default:
+                    raise ValueError(f"sharing.{key} = {value!r} gates experts, but sharing."
+                                     f"strategy = {self.strategy!r} has none; use 'mmoe' or 'ple'")
+            return
+        available = self.experts if self.strategy == "mmoe" else (
+            self.shared_experts + self.task_experts)
+        if self.top_k is not None and self.top_k > available:
+            what = ("sharing.experts" if self.strategy == "mmoe" else
+                    "sharing.shared_experts + sharing.task_experts")
+            raise ValueError(f"sharing.top_k = {self.top_k} exceeds the {available} experts a "
+                             f"task may use ({what}); choose top_k in [1, {available}] or null")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "SharingConfig":

@@ -8,6 +8,11 @@ view is therefore a complete EncoderDecoder routed through exactly that task's m
 (``for_task``), and a mixed batch routes rows slot by slot (:mod:`polytask.heads.routing`), so a
 shared layer runs once on all of its tasks' rows.
 
+Who owns a parameter is read from tensor IDENTITY (which tasks run a module holding it), not
+from the partition: under ``mmoe`` / ``ple`` every task has its own layer object, a fork whose
+attention and shared experts are the same tensors in every task's fork
+(:mod:`polytask.heads.experts`).
+
 Which modules of an EncoderDecoder make up each slot: :mod:`polytask.heads.slots`.
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ from polytask.core.data.batch import Batch
 from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.transformer import EncoderDecoder
 from polytask.heads.cross_stitch import CrossStitch, CrossStitchView, decode_columns, encode_columns
+from polytask.heads.experts import GateRecord, GatedExperts
 from polytask.heads.plan import SharingPlan, slot_names
 from polytask.heads.outputs import MultiTaskOutput, NotRun, TaskOutput
 from polytask.heads.rank import RankHead
@@ -94,6 +100,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"cross-stitch units connect private task columns; plan "
                              f"{plan.strategy!r} shares slots (use 'none' or 'soft')")
         self.cross_stitch = cross_stitch
+        self._gated = [m for m in self.slots.modules() if isinstance(m, GatedExperts)]
 
     def _check_views_covered(self) -> None:
         registered = {id(p) for p in self.slots.parameters()}
@@ -180,6 +187,8 @@ class MultiTaskModel(nn.Module):
         if len(row_task) and (int(row_task.min()) < 0 or int(row_task.max()) >= len(self.tasks)):
             raise ValueError(f"batch.task_ids {row_task.unique().tolist()} outside "
                              f"[0, {len(self.tasks)}) for tasks {list(self._views)}")
+        for gated in self._gated:   # a task without rows here must not keep stale gates
+            gated.record = GateRecord()
         shared_slot = self._last_shared_encoder_slot()
         keep = (shared_slot,) if shared_slot else ()
         memory, kept, columns = self._encode(batch.src, src_mask, row_task, keep)
@@ -238,14 +247,28 @@ class MultiTaskModel(nn.Module):
             return True
         return not (slot.startswith("decoder") or slot == "lm_head")
 
-    def _slot_params(self, keep) -> list[nn.Parameter]:
-        """Parameters of the slot modules whose set of *using* tasks satisfies ``keep``."""
-        seen: dict[int, nn.Parameter] = {}
+    def _users(self) -> dict[int, set[str]]:
+        """Parameter id -> the tasks that run a slot module holding it. Ownership is tensor
+        IDENTITY, not the plan's partition: a tensor held by several tasks' modules (the
+        forks of ``mmoe`` / ``ple``, the tied LM head = embedding) is used by all of them."""
+        users: dict[int, set[str]] = {}
         for slot, groups in self.plan.slots.items():
             for k, group in enumerate(groups):
-                if keep({t for t in group if self.uses(t, slot)}):
-                    for p in self.module(slot, k).parameters():
-                        seen.setdefault(id(p), p)
+                running = {t for t in group if self.uses(t, slot)}
+                for p in self.module(slot, k).parameters():
+                    users.setdefault(id(p), set()).update(running)
+        return users
+
+    def _slot_params(self, keep, slots: list[str] | None = None) -> list[nn.Parameter]:
+        """Parameters of the slot modules (of ``slots``, default all) whose set of using
+        tasks (:meth:`_users`) satisfies ``keep``, in slot order, each once."""
+        users = self._users()
+        seen: dict[int, nn.Parameter] = {}
+        for slot in self.plan.slots if slots is None else slots:
+            for k in range(len(self.plan.groups(slot))):
+                for p in self.module(slot, k).parameters():
+                    if id(p) not in seen and keep(users[id(p)]):
+                        seen[id(p)] = p
         return list(seen.values())
 
     def _stitch_params(self) -> list[nn.Parameter]:
@@ -272,11 +295,16 @@ class MultiTaskModel(nn.Module):
         return self._slot_params(uses) + self._stitch_params() + list(self.head(name).parameters())
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        """GradNorm's W (Chen et al. 2018): the highest encoder layer shared by all tasks (the
-        encoder is the part every head uses); [] when no layer is shared by all."""
+        """GradNorm's W (Chen et al. 2018): the parameters of the highest encoder layer that
+        all tasks share (the encoder is the part every head uses); [] when none is."""
+        if len(self.tasks) < 2:
+            return []
+        everyone = {t.name for t in self.tasks}
         for i in reversed(range(self.config.n_encoder_layers)):
-            if self.plan.shared_by_all(f"encoder.{i}"):
-                return list(self.module(f"encoder.{i}", 0).parameters())
+            # by identity: under mmoe / ple, the tensors every task's fork holds
+            found = self._slot_params(lambda users: users == everyone, [f"encoder.{i}"])
+            if found:
+                return found
         return []
 
     def adversary_parameters(self) -> list[nn.Parameter]:

@@ -12,7 +12,8 @@ balances; the extra terms (already multiplied by their config weights) are added
   whose rows in the batch is labelled is left out of ``task_losses``.
 * Extra terms: ``soft`` = soft_weight * coupling penalty (Duong et al. 2015), ``adversarial`` =
   adversarial_weight * discriminator CE, ``orthogonality`` = orthogonality_weight * ||S^T P||^2
-  (Liu, Qiu & Huang 2017).
+  (Liu, Qiu & Huang 2017), ``balance`` = balance_weight * the Switch load-balancing loss of
+  the expert gates (``mmoe`` / ``ple``, :func:`polytask.heads.experts.balance_loss`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from polytask.core.data.batch import IGNORE_INDEX, Batch
 from polytask.core.data.tasks import TaskSpec
 from polytask.heads.adversarial import adversarial_loss, orthogonality_loss
 from polytask.heads.config import SharingConfig
+from polytask.heads.experts import MIXTURES, balance_loss
 from polytask.heads.model import MultiTaskModel, MultiTaskOutput
 
 
@@ -108,4 +110,8 @@ class MultiTaskObjective(nn.Module):
             ortho = orthogonality_loss(output)
             extra["orthogonality"] = s.orthogonality_weight * ortho
             logs["orthogonality"] = float(ortho.detach())
+        if s.balance_weight > 0 and s.strategy in MIXTURES:
+            balance = balance_loss(model, batch)
+            extra["balance"] = s.balance_weight * balance
+            logs["balance_loss"] = float(balance.detach())
         return ObjectiveResult(task_losses, extra, logs)

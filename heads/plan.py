@@ -16,10 +16,15 @@ soft           private like ``none``, copies initialised equal and coupled by an
 hierarchical   per stack: bottom ``shared_layers`` shared by all, next ``group_layers`` by
                task group (``TaskSpec.group_name``), the rest private (Ruder 2017; branched
                multi-task networks, Vandenhende et al. 2019)
+mmoe, ple      every layer slot per task ``{a}, {b}, ...`` and everything else shared as in
+               ``hard``: each task's layer is a *fork* of one shared layer whose feed-forward
+               sublayer is the task's gated mixture of experts (:mod:`polytask.heads.experts`;
+               Ma et al. 2018 MMoE; Tang et al. 2020 PLE/CGC)
 =============  ==============================================================================
 
-A stack's final norm sits on top of its last layer, so it takes that layer's partition. The LM
-head is shared or per task (``SharingConfig.lm_head``); with tied embeddings it must be
+A stack's final norm sits on top of its last layer, so it takes that layer's partition (except
+under ``mmoe`` / ``ple``, whose per-task layers share every tensor but the gates and task
+experts: their final norms are shared). The LM head is shared or per task (``SharingConfig.lm_head``); with tied embeddings it must be
 grouped exactly like the embedding, because it *is* the embedding matrix.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from polytask.core.model.config import ModelConfig
 from polytask.core.data.tasks import TaskSpec
 from polytask.heads.config import CUSTOM_PLANS, SharingConfig
+from polytask.heads.task_adapters import TaskAdapterOptions, adapter_groups, adapter_slots
 
 Group = frozenset[str]
 
@@ -130,7 +136,11 @@ def make_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec]
                     f"sharing.shared_layers ({sharing.shared_layers}) + sharing.group_layers "
                     f"({sharing.group_layers}) = {depth} exceeds model.n_{stack}_layers ({n})")
 
+    mixture = sharing.strategy in ("mmoe", "ple")   # per-task forks of shared layers
+
     def layer(i: int) -> tuple[Group, ...]:
+        if mixture:
+            return each
         if sharing.strategy == "hard":
             return everyone
         if sharing.strategy in ("none", "soft"):
@@ -146,11 +156,14 @@ def make_plan(sharing: SharingConfig, config: ModelConfig, tasks: list[TaskSpec]
     for stack, n in (("encoder", config.n_encoder_layers), ("decoder", config.n_decoder_layers)):
         for i in range(n):
             slots[f"{stack}.{i}"] = layer(i)
-        slots[f"{stack}.norm"] = layer(n - 1) if n else slots["embedding"]
+        slots[f"{stack}.norm"] = (layer(n - 1) if n and not mixture else slots["embedding"])
     if sharing.strategy in ("none", "soft"):
         slots["lm_head"] = each  # a single-task baseline shares nothing, its LM head included
     else:
         slots["lm_head"] = everyone if sharing.lm_head == "shared" else each
+    if sharing.adapters:   # a fork per adapter group at every layer slot
+        options = TaskAdapterOptions.from_dict(sharing.adapters)
+        slots = adapter_slots(slots, adapter_groups(list(tasks), options))
     plan = SharingPlan(sharing.strategy, names, slots, coupled=sharing.strategy == "soft")
     _check_tied_head(plan, sharing, config)
     return plan

@@ -34,7 +34,8 @@ def test_registered_plan_is_built_by_name(shared_encoder):
 
 def test_unknown_and_bad_plans_are_named(shared_encoder):
     with pytest.raises(ValueError, match="sharing.strategy = 'nope' is invalid: expected one of "
-                                         "'none', 'hard', 'soft', 'hierarchical', 'shared_encoder'"):
+                                         "'none', 'hard', 'soft', 'hierarchical', 'mmoe', 'ple', "
+                                         "'shared_encoder'"):
         SharingConfig(strategy="nope")
     with pytest.raises(ValueError, match="already registered"):
         heads.register_plan("shared_encoder")(lambda *a: {})
