@@ -69,6 +69,7 @@ def _split_backward(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, 
     values too."""
     t = cfg.train
     extras: list[torch.Tensor | None] = []
+    balances: list[torch.Tensor] = []   # one per task sub-batch (mmoe / ple with balance_weight)
     rows = _task_rows(batch, data, parts.names)
     names, scale = list(rows), {n: 1.0 for n in rows}
     units = torch.zeros(len(parts.names), dtype=torch.float64)
@@ -92,8 +93,10 @@ def _split_backward(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, 
                                 enabled=t.bf16):
                 result = parts.objective(model, model(sub), sub)
             if not extras:   # the soft-sharing penalty: one term per micro-batch, not per task
-                extra = result.extra_total()
-                extras.append(extra / t.grad_accum if extra is not None else None)
+                whole = [v for k, v in result.extra.items() if k != "balance"]
+                extras.append(torch.stack(whole).sum() / t.grad_accum if whole else None)
+            if "balance" in result.extra:   # the gates' load balancing: per task, so averaged
+                balances.append(result.extra["balance"] / t.grad_accum)   # over the tasks
             logs.update({k: v for k, v in result.logs.items() if not k.startswith("loss/")})
             loss = result.task_losses.get(name)
             if loss is None:   # rows, but none labelled
@@ -107,6 +110,11 @@ def _split_backward(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, 
                            reduce=parts.weighting.gradient_reducer, last_shared=parts.last_shared,
                            is_finite=lambda loss: distributed.all_true(bool(torch.isfinite(loss))))
     extra = extras[0] if extras else None
+    if balances:   # the mean of the tasks' means over their gated layers: the joint pass's
+        # mean over (layer, task) when every task runs the same layers (a classifier task's
+        # encoder-only terms weigh a little more here than in the joint pass)
+        balance = torch.stack(balances).mean()
+        extra = balance if extra is None else extra + balance
     if not distributed.all_true(split is not None and (extra is None or
                                                         bool(torch.isfinite(extra)))):
         return None
