@@ -5,11 +5,19 @@ An ablation config is a run config plus::
     grid:  {sharing.strategy: [none, hard, soft, hierarchical]}   # dotted key -> values
     seeds: [0, 1, 2]
 
-Every combination of grid values is run once per seed in ``OUT/runs/<name>``. A run whose
-``summary.json`` exists is complete and skipped; a run with a checkpoint but no summary is
-resumed — so an interrupted ablation continues where it stopped. The runs are read back from
-their directories to write the reports, so the outputs never depend on which runs happened in
-this invocation.
+and optionally ``merge: {methods: [task_arithmetic, ties], scale: 0.3, density: 0.2}``
+(the options of :mod:`polytask.core.merging`; each method takes those it knows).
+
+Every combination of grid values is run once per seed in ``OUT/runs/<name>``. With ``merge:``,
+every run with ``sharing.strategy: none`` (it needs ``init:``) is then merged by each method
+into ``OUT/runs/<its name, strategy-merged-METHOD>`` (:func:`polytask.experiments.merge.
+merge_runs`), a row ``sharing.strategy=merged (METHOD)`` of results.csv and the table, whose
+baseline is that ``none`` run's setting.
+
+A run whose ``summary.json`` exists is complete and skipped; a run with a checkpoint but no
+summary is resumed — so an interrupted ablation continues where it stopped (a merged run
+without a summary is merged again). The runs are read back from their directories to write
+the reports, so the outputs never depend on which runs happened in this invocation.
 
 ``jobs > 1`` trains that many runs at once, each in its own process with ``threads`` torch
 threads (default: the machine's cores divided among the jobs). Small models gain most: on 2
@@ -48,15 +56,25 @@ from tqdm import tqdm
 
 from polytask.core.training.checkpoint import latest_checkpoint
 from polytask.core.training.lock import LOCK as RUN_LOCK, hold as hold_run_dir
-from polytask.experiments import conflicts, plots, report
+from polytask.experiments import conflicts, gates, plots, report
 from polytask.experiments.config import RunConfig
 from polytask.experiments.config_files import apply_overrides, load_yaml, parse_overrides
+from polytask.experiments.merge import merge_plan, merge_runs, merge_settings
 from polytask.experiments.runs import metric_names, train_run
 from polytask.experiments.table import build_table, read_example_scores
 from polytask.experiments.table_files import write_table
 
 
-def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def expand_grid(grid: dict[str, list[Any]] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values (a mapping of dotted keys to lists), or the
+    combinations as listed (a list of mappings: rows that vary different keys, e.g. a
+    strategy with its own options next to plain strategies)."""
+    if isinstance(grid, list):
+        if not grid or not all(isinstance(c, dict) and c and all(isinstance(k, str) for k in c)
+                               for c in grid):
+            raise ValueError(f"grid as a list must hold mappings of dotted keys to values, got "
+                             f"{grid!r}")
+        return [dict(c) for c in grid]
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ValueError(f"grid must map dotted keys to non-empty lists, got {grid!r}")
     keys = list(grid)
@@ -94,12 +112,18 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str
     data = load_yaml(path)
     grid = data.pop("grid", {}) or {}
     seeds = data.pop("seeds", [0])
+    data.pop("merge", None)                       # read by merge_settings
     settings = parse_overrides(overrides or [])
     for key in list(settings):  # grid.KEY=[...] and seeds=[...] override the grid itself
-        if key == "seeds":
+        if key == "merge" or key.startswith("merge."):
+            settings.pop(key)
+        elif key == "seeds":
             seeds = settings.pop(key)
         elif key.startswith("grid."):
             value = settings.pop(key)
+            if isinstance(grid, list):
+                raise ValueError(f"override {key}: the grid is a list of combinations; edit "
+                                 "the config's grid instead")
             grid[key[len("grid."):]] = value if isinstance(value, list) else [value]
     data = apply_overrides(data, settings)
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
@@ -112,6 +136,17 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str
     return runs
 
 
+def run_merges(out: Path, merged: list, methods: dict[str, dict]) -> None:
+    """Write every merged run not complete yet (an unfinished one is redone)."""
+    for i, (name, _, _, _, source, method) in enumerate(merged):
+        run_dir = out / "runs" / name
+        if (run_dir / "summary.json").exists():
+            print(f"[merge {i + 1}/{len(merged)}] {name}: complete, skipped")
+            continue
+        print(f"[merge {i + 1}/{len(merged)}] {name}: {method} of {source}")
+        merge_runs([out / "runs" / source], method, methods[method], run_dir)
+
+
 def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
            progress: bool = True, jobs: int = 1, threads: int | None = None) -> dict[str, Path]:
     """Run (or resume) every run of the ablation, then write the reports; see the module
@@ -119,6 +154,8 @@ def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = 
     if jobs < 1 or (threads is not None and threads < 1):
         raise ValueError(f"jobs ({jobs}) and threads ({threads}) must be positive")
     runs = plan(path, overrides)
+    methods = merge_settings(path, overrides)
+    merged = merge_plan(runs, methods, run_name)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     todo = []
@@ -148,7 +185,8 @@ def ablate(path: str | Path, out_dir: str | Path, overrides: list[str] | None = 
               f"stopped, finished runs and checkpoints kept in {out}; run the same command again "
               f"to resume", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
-    return write_reports(out, runs)
+    run_merges(out, merged, methods)
+    return write_reports(out, runs, [m[:4] for m in merged])
 
 
 def _holds_files(run_dir: Path) -> bool:
@@ -301,7 +339,12 @@ def _run_parallel(todo: list, total: int, jobs: int, threads: int) -> None:
             print(f"[{i + 1}/{total}] {name}: done in {seconds:.0f} s", flush=True)
 
 
-def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> dict[str, Path]:
+def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]],
+                  merged: list[tuple[str, dict, int, RunConfig]] | None = None
+                  ) -> dict[str, Path]:
+    """results.csv, the table, plots and conflicts of ``runs`` and the ``merged`` runs (rows
+    after the grid's; the grid footnote names the grid as run)."""
+    grid_runs, runs = runs, runs + list(merged or [])
     rows, summaries, labelled = [], [], []
     names: dict[str, str] = {}
     gradients: dict[str, list] = {}   # setting -> [(seed, run, gradient events, last step)]
@@ -319,15 +362,16 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
             (seed, name, *conflicts.read_gradients(out / "runs" / name / "metrics.jsonl")))
     paths = {"results": out / "results.csv", "table": out / "table.md"}
     fieldnames = ["combination", "seed", "run", "task", "metric", "value"] + \
-        [k for k in (runs[0][1] if runs else {})]
+        list(dict.fromkeys(k for _, combo, _, _ in runs for k in combo))
     with open(paths["results"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fieldnames)
         w.writeheader()
         w.writerows(rows)
     csv_rows = report.read_results(paths["results"])
     held, examples = report.run_notes(summaries)
-    grid = {k: list(dict.fromkeys(_label(c[k]) for _, c, _, _ in runs)) for k in runs[0][1]} \
-        if runs else {}
+    keys = dict.fromkeys(k for _, c, _, _ in grid_runs for k in c)
+    grid = {k: list(dict.fromkeys(_label(c[k]) for _, c, _, _ in grid_runs if k in c))
+            for k in keys}
     scores = {(combo_label(c), str(seed)): read_example_scores(
         out / "runs" / name / "predictions.jsonl") for name, c, seed, _ in runs}
     table = build_table(csv_rows, names, held, examples,
@@ -342,4 +386,6 @@ def write_reports(out: Path, runs: list[tuple[str, dict, int, RunConfig]]) -> di
     paths.update(plots.write_figures(out, [(combo_label(c), out / "runs" / n, cfg.weighting.method
                                             if cfg is not None else "") for n, c, _, cfg in runs]))
     paths.update(conflicts.write_conflicts(gradients, out))   # only the files it wrote
+    paths.update(gates.write_gates(out, [(combo_label(c), out / "runs" / n)
+                                         for n, c, _, _ in runs]))
     return paths

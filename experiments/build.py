@@ -34,10 +34,10 @@ from polytask.core.training.manifest import (atomic_write, read_json, record_fil
 from polytask.core.training import distributed
 from polytask.core.training.optim import lr_lambda, make_optimizer
 from polytask.experiments.adapt import adapt, weight_names
-from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind
+from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind, init_model_config
 from polytask.experiments.evaluate import check_held_out_columns
 from polytask.heads import build_model
-from polytask.heads.model import MultiTaskModel
+from polytask.heads.model import DECODER_HEADS, MultiTaskModel
 from polytask.heads.objective import MultiTaskObjective
 from polytask.losses.weighting import Weighting
 
@@ -81,17 +81,25 @@ def load_run_tokenizer(run_dir: Path) -> TextTokenizer:
 
 
 def init_tokenizer(init: str) -> TextTokenizer:
-    """The tokenizer of an ``init:`` checkpoint (a Hugging Face directory's own, or a run's)."""
+    """The tokenizer of an ``init:`` checkpoint (a Hugging Face directory's own, or a run's or
+    pretraining run's ``tokenizer.model``, checked against its manifest)."""
     return load_tokenizer(Path(init)) if init_kind(init) == "hf" else load_run_tokenizer(Path(init))
 
 
 def init_backbone(init: str) -> EncoderDecoder:
     """The weights an ``init:`` checkpoint gives every task's backbone: a Hugging Face model, or
     a polytask run's first task's EncoderDecoder (its best weights when it kept them; under
-    hard sharing this is the shared backbone)."""
+    hard sharing this is the shared backbone), or a ``polytask pretrain`` run's EncoderDecoder
+    (its model config with its tokenizer's ids; its best validation weights when it kept them)."""
     path = Path(init)
-    if init_kind(path) == "hf":
+    kind = init_kind(path)
+    if kind == "hf":
         return from_hf(path)
+    if kind == "pretrain":
+        backbone = EncoderDecoder(init_model_config(path, None))
+        [weights] = base_weight_files(path)
+        load_weights(weights, backbone)   # every tensor, checked against its manifest
+        return backbone
     cfg = RunConfig.from_dict(read_json(path / "config.json"), resolve_init=False)
     method = cfg.train.peft.get("method")
     if method not in (None, "lora", "bitfit"):
@@ -103,7 +111,9 @@ def init_backbone(init: str) -> EncoderDecoder:
     [weights] = base_weight_files(path)
     load_weights(weights, model, weight_names(cfg, model))
     unwrap_lora(model)                      # LoRA folded into the base weights
-    return model.for_column(model.tasks[0].name)
+    # the first task that runs the decoder (a classifier task's column has none)
+    first = next((t for t in model.tasks if t.head_kind in DECODER_HEADS), model.tasks[0])
+    return model.for_column(first.name)
 
 
 BASE_MANIFEST = "base.json"
@@ -113,9 +123,10 @@ def base_weight_files(init: str | Path) -> list[Path]:
     """The file(s) an ``init:`` checkpoint's weights come from: a Hugging Face directory's
     ``model.safetensors``, else every shard its ``model.safetensors.index.json`` names (what
     :func:`polytask.core.interop.from_hf` reads); a run's ``best.safetensors`` when it kept
-    one, else its ``model.safetensors`` (what :func:`init_backbone` loads)."""
+    one, else its ``model.safetensors`` (what :func:`init_backbone` loads); a pretraining
+    run's likewise."""
     path = Path(init)
-    if init_kind(path) == "run":
+    if init_kind(path) in ("run", "pretrain"):
         best = path / "best.safetensors"
         return [best if best.is_file() else path / "model.safetensors"]
     return weight_files(path)
@@ -216,7 +227,7 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
     pretrained = None
     if cfg.init is not None and (fresh_tokenizer or not cfg.train.save_base):
         init = cfg.init if fresh_tokenizer else verified_base(run_dir)
-        if init_kind(init) == "run":   # its files are checked as they are read, and a lost
+        if init_kind(init) in ("run", "pretrain"):   # its files are checked as they are read, and a lost
             if not (Path(init) / "best.safetensors").is_file():   # best is not its last weights
                 verify_file(Path(init) / "best.safetensors")
             note = unverified_note(init) if rank == 0 else None
@@ -227,8 +238,10 @@ def build_run(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, fresh_tok
     seed_everything(cfg.train.seed)
     model = build_model(model_cfg, specs, cfg.sharing, pretrained=pretrained).to(
         device=cfg.train.device, dtype=getattr(torch, cfg.train.dtype))
-    # held-out protocol: a held-out task must be scored through trained parameters
-    check_held_out_columns(model, data, cfg.sharing.strategy)
+    # held-out protocol: a held-out task must be scored through trained parameters (not in
+    # a continual stage: its held-out tasks are other stages', heads fresh or carried over)
+    if cfg.continual.stage is None:
+        check_held_out_columns(model, data, cfg.sharing.strategy)
     return data, tokenizer, model
 
 
@@ -249,6 +262,10 @@ class Parts:
     last_shared: list[torch.nn.Parameter] | None   # GradNorm's W
     report: CollateReport
     saved: list[str] | None                # what the weight files hold (None: every tensor)
+    # continual learning: the stage's hooks (experiments.continual.StageHooks) and the
+    # sampler of its replayed earlier-stage rows; None in a plain run
+    stage: Any = None
+    replay_sampler: MixtureSampler | None = None
 
 
 def _weighting_options(cfg: RunConfig, specs: list[TaskSpec], names: list[str]

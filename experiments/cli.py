@@ -2,6 +2,8 @@
 
     polytask train CONFIG [key=value ...] [--out RUN_DIR]
     polytask train --resume RUN_DIR [key=value ...]   (keys that may change on resume)
+    polytask pretrain CONFIG [key=value ...] [--out RUN_DIR]   (self-supervised, on raw text)
+    polytask pretrain --resume RUN_DIR [key=value ...]
     polytask eval RUN_DIR [--split test] [--weights best|last]
     polytask generate RUN_DIR --task T (--input TEXT | --input-file X.jsonl [--output Y.jsonl])
                       [--instruction I] [--method greedy|beam|sample ...] [--scores]
@@ -79,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults, file, overrides) as YAML and exit")
 
+    pt = sub.add_parser("pretrain", help="pretrain the encoder-decoder on raw text (T5 span "
+                        "corruption or BART text infilling); `init: RUN_DIR` starts from it")
+    pt.add_argument("config", nargs="?", help="YAML pretraining config")
+    pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    pt.add_argument("--out", help="run directory (default runs/<config name>)")
+    pt.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue a pretraining run from its newest intact checkpoint")
+    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--print-config", action="store_true",
+                    help="print the resolved config as YAML and exit")
+
     e = sub.add_parser("eval", help="evaluate a finished or interrupted run")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=SPLITS)
@@ -135,6 +148,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dirs", nargs="+", metavar="DIR",
                    help="ablation directories (runs/*/summary.json) and run directories")
     c.add_argument("--out", metavar="FILE.md|FILE.csv", help="also write the table there")
+
+    m = sub.add_parser("merge", help="merge single-task fine-tunes of one init: into one run "
+                       "(experiments/merge.py)")
+    m.add_argument("runs", nargs="+", metavar="RUN", help="run directories (sharing none, or "
+                   "single-task), all from one init: checkpoint")
+    m.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "dare"])
+    m.add_argument("--scale", type=float, help="lambda: theta_0 + scale * merged task vector")
+    m.add_argument("--density", type=float, help="ties (and dare --combine ties): fraction kept")
+    m.add_argument("--drop", type=float, help="dare: drop probability")
+    m.add_argument("--seed", type=int, help="dare: seed of the drop masks")
+    m.add_argument("--combine", choices=["sum", "ties"], help="dare: how to combine (sum)")
+    m.add_argument("--out", required=True, metavar="RUN_DIR")
     return p
 
 
@@ -163,6 +188,29 @@ def _cmd_train(args: argparse.Namespace) -> None:
         summary = train_run(cfg, run_dir, progress=not args.no_progress)
     if summary:  # under torchrun only rank 0 evaluates and reports
         print(json.dumps({"run_dir": str(run_dir), "test": summary["test"]}, indent=2))
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from polytask.experiments.pretrain import pretrain
+    from polytask.experiments.pretrain_config import (load_pretrain_config,
+                                                      resume_pretrain_config)
+    if args.resume:
+        given = ([args.config] if args.config else []) + list(args.overrides)
+        if any("=" not in item for item in given):
+            raise UsageError("polytask pretrain: give either CONFIG or --resume RUN_DIR, not both")
+        run_dir = Path(args.resume)
+        cfg = resume_pretrain_config(run_dir, given)
+    else:
+        if not args.config:
+            raise UsageError("polytask pretrain: CONFIG is required (or --resume RUN_DIR)")
+        cfg = load_pretrain_config(args.config, args.overrides)
+        run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    if args.print_config:
+        return _print_config(cfg.to_dict())
+    summary = pretrain(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if summary:  # under torchrun only rank 0 reports
+        print(json.dumps({"run_dir": str(run_dir), **{k: summary[k] for k in (
+            "steps", "best_validation_loss", "final_validation_loss")}}, indent=2))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -273,9 +321,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(path)
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from polytask.experiments.merge import command
+    print(json.dumps(command(args), indent=2))
+
+
+COMMANDS = {"train": _cmd_train, "pretrain": _cmd_pretrain, "eval": _cmd_eval,
+            "generate": _cmd_generate,
             "ablate": _cmd_ablate, "bench": _cmd_bench, "export": _cmd_export,
-            "compare": _cmd_compare}
+            "compare": _cmd_compare, "merge": _cmd_merge}
 
 
 #: what a user's input can cause (a bad file, path, key or value; a full disk): one line,
@@ -298,7 +352,7 @@ def _output_of(args: argparse.Namespace | None) -> str | None:
     """The path a command writes to, to name an OSError that names none."""
     if args is None:
         return None
-    if args.command == "train":
+    if args.command in ("train", "pretrain"):
         config = args.config and Path("runs") / Path(args.config).stem
         return str(args.resume or args.out or config or "") or None
     if args.command == "ablate":

@@ -194,6 +194,54 @@ class TrainConfig:
                              f"train.batch_size ({self.batch_size})")
 
 
+@dataclass
+class ContinualConfig:
+    """How a run with ``stages:`` fights forgetting (:mod:`polytask.experiments.continual`)."""
+
+    # fraction of each batch drawn from earlier stages' training data (experience replay)
+    replay: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    # penalty pulling the weights towards earlier stages' (losses.anchoring)
+    regularization: Literal["none", "l2", "ewc"] = "none"
+    # lambda of the penalty lambda/2 * sum_i F_i (theta_i - theta*_i)^2
+    weight: float = field(default=1.0, metadata=bounds(ge=0))
+    # EWC: training examples of a finished stage's tasks its diagonal Fisher averages over
+    fisher_examples: int = field(default=64, metadata=bounds(gt=0))
+    # set by the continual runner in each stage's own config.json (1..T; 0: the initial
+    # model): its held-out tasks are the other stages' and may have untrained heads
+    stage: int | None = field(default=None, metadata=bounds(ge=0, null="not a stage's run"))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "continual")   # types and the bounds above
+
+
+#: the sections of a run config (``stages`` and ``continual`` for continual learning)
+RUN_SECTIONS = SECTIONS + tuple(s for s in ("stages", "continual") if s not in SECTIONS)
+
+
+def check_stages(stages: Any, tasks: list[str]) -> list[list[str]]:
+    """``stages:`` is a list of non-empty lists of the run's task names, each task in exactly
+    one stage; anything else is one ``ValueError`` naming the bad value and the tasks."""
+    known = ", ".join(tasks)
+    if not isinstance(stages, list) or not stages or not all(
+            isinstance(s, list) and s and all(isinstance(t, str) for t in s) for s in stages):
+        raise ValueError(f"stages = {short_repr(stages)} is invalid: expected a list of "
+                         f"non-empty lists of task names, e.g. [[a, b], [c]]; tasks: {known}")
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        for name in stage:
+            if name not in tasks:
+                raise ValueError(f"stages[{i}] names unknown task {name!r}; tasks: {known}")
+            if name in seen:
+                raise ValueError(f"stages: task {name!r} is in stage {seen[name]} and stage "
+                                 f"{i}; each task belongs to exactly one stage; tasks: {known}")
+            seen[name] = i
+    missing = [t for t in tasks if t not in seen]
+    if missing:
+        raise ValueError(f"stages: task {missing[0]!r} is in no stage; each of the tasks "
+                         f"{known} belongs to exactly one stage")
+    return [list(s) for s in stages]
+
+
 #: built-in sharing strategies whose plans share no parameter among tasks (a gradient
 #: weighting has nothing to combine there)
 SHARES_NOTHING = ("none", "soft")
@@ -202,8 +250,10 @@ SHARES_NOTHING = ("none", "soft")
 MAY_DIFFER = ("dropout", "attention_dropout", "attention_backend")
 
 
-def init_kind(path: str | Path) -> Literal["hf", "run"]:
-    """``hf`` for a Hugging Face model directory, ``run`` for a polytask run directory."""
+def init_kind(path: str | Path) -> Literal["hf", "run", "pretrain"]:
+    """``hf`` for a Hugging Face model directory, ``run`` for a polytask run directory,
+    ``pretrain`` for a ``polytask pretrain`` run directory (its config.json has a top-level
+    ``pretrain`` section; its weights are one plain EncoderDecoder)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"init: {path} is not a directory (expected a Hugging Face T5/BART "
@@ -216,9 +266,9 @@ def init_kind(path: str | Path) -> Literal["hf", "run"]:
         if isinstance(data, dict) and "model_type" in data:
             return "hf"
         if isinstance(data, dict) and isinstance(data.get("model"), dict):
-            return "run"
+            return "pretrain" if isinstance(data.get("pretrain"), dict) else "run"
     raise ValueError(f"init: {path} holds neither a Hugging Face config.json (with model_type) "
-                     "nor a polytask run's config.json")
+                     "nor a polytask run's or pretraining run's config.json")
 
 
 def init_model_config(path: str | Path, given: dict[str, Any] | None) -> ModelConfig:
@@ -259,8 +309,14 @@ class RunConfig:
     # optimisation, evaluation, PEFT and device
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str | None = None  # a Hugging Face T5/BART or polytask run directory to start from
+    # continual learning: task names trained stage after stage, e.g. [[copy], [reverse]]
+    stages: list[list[str]] | None = None
+    # replay and anchoring penalties of a run with stages
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def __post_init__(self) -> None:
+        if self.stages is not None:
+            self.stages = check_stages(self.stages, [s.name for s in self.specs()])
         # absolute positions have a row per position: a longer sequence fails mid-run
         if self.model.positions in ("learned", "sinusoidal"):
             lengths = {"data.max_source_len": self.data.max_source_len,
@@ -283,9 +339,10 @@ class RunConfig:
         now (the training loop checks them again when it builds the parts)."""
         if not isinstance(data, dict):
             raise ValueError(f"a run config must be a mapping of sections, got {type(data).__name__}")
-        unknown = [k for k in data if k not in SECTIONS]
+        unknown = [k for k in data if k not in RUN_SECTIONS]
         if unknown:
-            raise ValueError(f"unknown config section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
+            raise ValueError(f"unknown config section {unknown[0]!r}; known: "
+                             f"{', '.join(RUN_SECTIONS)}")
         tasks = data.get("tasks", "tiny")
         if isinstance(tasks, list):
             tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in tasks]
@@ -312,6 +369,8 @@ class RunConfig:
             losses=losses,
             data=from_dict(DataConfig, data.get("data"), "data"),
             train=from_dict(TrainConfig, data.get("train"), "train"),
+            stages=data.get("stages"),
+            continual=from_dict(ContinualConfig, data.get("continual"), "continual"),
         )
         if resolve_init:
             cfg.check_parts()
@@ -369,6 +428,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if self.stages is None:   # a run without stages: its config.json as before
+            out.pop("stages")
+            if self.continual.stage is None:
+                out.pop("continual")
         return json.loads(json.dumps(out))  # plain JSON types only
 
 

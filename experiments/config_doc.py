@@ -29,9 +29,10 @@ from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.fields import UNBOUNDED
 from polytask.core.peft.options import OPTIONS as PEFT_OPTIONS
-from polytask.experiments.config import (DEVICE_FORMS, DataConfig, RunConfig, TrainConfig,
-                                         WeightingConfig)
+from polytask.experiments.config import (DEVICE_FORMS, ContinualConfig, DataConfig, RunConfig,
+                                         TrainConfig, WeightingConfig)
 from polytask.heads.config import SharingConfig, strategy_names
+from polytask.heads.task_adapters import TaskAdapterOptions
 from polytask.losses import LOSSES, WEIGHTINGS
 from polytask.losses.registry import Registry, accepted_options, option_types
 
@@ -40,7 +41,8 @@ COMMAND = "python -m polytask.experiments.config_doc > docs/config.md"
 #: (section, class) in the order of a config file; ``tasks[]`` is one entry of ``tasks:``
 SECTIONS: list[tuple[str, type]] = [
     ("model", ModelConfig), ("tasks[]", TaskSpec), ("sharing", SharingConfig),
-    ("weighting", WeightingConfig), ("data", DataConfig), ("train", TrainConfig)]
+    ("weighting", WeightingConfig), ("data", DataConfig), ("train", TrainConfig),
+    ("continual", ContinualConfig)]
 
 
 def _choices() -> dict[str, str]:
@@ -264,6 +266,11 @@ def render() -> str:
         if summary(cls):
             lines += [summary(cls), ""]
         lines += _table(dataclass_rows(section, cls))
+        if section == "sharing":
+            lines += ["", "### `sharing.adapters`: per-task LoRA on the shared backbone", "",
+                      "`sharing.adapters: {per: task, r: 8}` (with `hard`, `mmoe` or `ple`); "
+                      "empty: no adapters.", ""]
+            lines += _table(dataclass_rows("sharing.adapters", TaskAdapterOptions))
         if section == "weighting":
             lines += ["", "### Weighting methods and their `weighting.options`", "",
                       "`gradient_reducer` is set by the training loop and cannot be given."]

@@ -17,7 +17,8 @@ import yaml
 from polytask.core.model.fields import short_repr
 
 #: the run config's top-level sections (:class:`polytask.experiments.config.RunConfig`)
-SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train", "init")
+SECTIONS = ("model", "tasks", "sharing", "weighting", "losses", "data", "train", "init", "stages",
+            "continual")
 
 
 #: a config is a few hundred values; these bound what YAML aliases and nesting can make of it
@@ -149,25 +150,27 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any],
+                    sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy: :func:`plain_copy`, so the size limits hold
-    for data not read by :func:`yaml_load` too). Unknown keys are caught by ``from_dict``."""
+    for data not read by :func:`yaml_load` too); the first part of a key must be one of
+    ``sections`` (a run config's by default). Unknown keys are caught by ``from_dict``."""
     data = plain_copy(data)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = data
         for i, p in enumerate(parents):
-            if p not in SECTIONS and i == 0:
+            if p not in sections and i == 0:
                 raise ValueError(f"unknown config section {p!r} in override {dotted!r}; "
-                                 f"known: {', '.join(SECTIONS)}")
+                                 f"known: {', '.join(sections)}")
             if node.get(p) is None:   # an empty section (``train:`` and nothing under it)
                 node[p] = {}
             nxt = node[p]
             if not isinstance(nxt, dict):
                 raise ValueError(f"override {dotted!r}: {'.'.join(parents[:i + 1])} is not a section")
             node = nxt
-        if not parents and leaf not in SECTIONS:
-            raise ValueError(f"unknown config section {leaf!r}; known: {', '.join(SECTIONS)}")
+        if not parents and leaf not in sections:
+            raise ValueError(f"unknown config section {leaf!r}; known: {', '.join(sections)}")
         node[leaf] = plain_copy(value, f"override {dotted}")
     return data
 

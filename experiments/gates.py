@@ -44,9 +44,10 @@ def gate_matrix(layer: dict[str, dict[str, float]]) -> tuple[list[str], list[str
     return tasks, experts, grid
 
 
-def plot_gates(run_dir: str | Path, path: str | Path | None = None) -> Path:
+def plot_gates(run_dir: str | Path, path: str | Path | None = None, title: str = "") -> Path:
     """Draw ``gates.png`` (or ``path``) for the run in ``run_dir``: one heatmap per layer of
-    its last gates event. A run without gate events is an error naming the file."""
+    its last gates event (``title`` leads the figure's title). A run without gate events is an
+    error naming the file."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,9 +81,23 @@ def plot_gates(run_dir: str | Path, path: str | Path | None = None) -> Path:
         ax.set_axis_off()
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="mean gate weight (real tokens)")
-    fig.suptitle(f"Expert gates per layer at step {last['step']} (grey: not the task's expert)",
-                 fontsize=10)
+    fig.suptitle(f"{title + ': ' if title else ''}expert gates per layer at step "
+                 f"{last['step']} (grey: not the task's expert)", fontsize=10)
     out = Path(path) if path is not None else Path(run_dir) / "gates.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def write_gates(out: str | Path, runs: list[tuple[str, Path]]) -> dict[str, Path]:
+    """An ablation's gate figures: ``gates_<k>.png`` for the first run (seed) of every setting
+    whose runs logged gates, the setting named in the figure's title. ``runs``: (setting,
+    run directory) in ablation order. Returns ``{"gates <setting>": path}``."""
+    written: dict[str, Path] = {}
+    for setting, run_dir in runs:
+        key = f"gates {setting}"
+        if key in written or not read_gates(Path(run_dir) / "metrics.jsonl"):
+            continue
+        written[key] = plot_gates(run_dir, Path(out) / f"gates_{len(written) + 1}.png",
+                                  title=setting)
+    return written

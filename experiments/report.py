@@ -25,7 +25,9 @@ from statistics import mean
 from typing import Any
 
 AVERAGE = "average"                               # legacy: runs without held-out tasks
-AVERAGES = ("average_seen", "average_held_out", AVERAGE)
+#: a continual run's GEM metrics (experiments.continual), columns after the averages
+CONTINUAL = ("continual/average", "continual/backward_transfer", "continual/forward_transfer")
+AVERAGES = ("average_seen", "average_held_out", AVERAGE) + CONTINUAL
 HELD_OUT_MARK = "†"
 
 
@@ -49,10 +51,12 @@ def aggregate(rows: list[dict[str, str]]) -> tuple[list[str], list[str], dict[tu
 
 
 def average_columns(present: set[str]) -> list[str]:
-    """``average_seen`` and ``average_held_out`` where present; else the legacy ``average``."""
+    """``average_seen`` and ``average_held_out`` where present; else the legacy ``average``;
+    then a continual run's average accuracy, backward and forward transfer where present."""
+    extra = [c for c in CONTINUAL if c in present]
     if "average_seen" in present:
-        return [a for a in AVERAGES[:2] if a in present]
-    return [AVERAGE]
+        return [a for a in AVERAGES[:2] if a in present] + extra
+    return [AVERAGE] + extra
 
 
 def run_notes(summaries: list[dict[str, Any]]) -> tuple[list[str], dict[str, int]]:

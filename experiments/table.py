@@ -48,6 +48,10 @@ def baselines(settings: list[str]) -> tuple[dict[str, str], str]:
     setting with the same other grid values where the grid has one, otherwise the first setting
     in config order (every setting then compares with it)."""
     matched = {s: baseline_of(s) for s in settings}
+    plain = "sharing.strategy=none"   # a row with keys of its own (a list grid) compares with
+    if plain in settings:             # the plain single-task baseline
+        matched = {s: plain if b is not None and b not in settings else b
+                   for s, b in matched.items()}
     if settings and all(b in settings for b in matched.values()):
         return ({s: b for s, b in matched.items() if b is not None},
                 "baseline: sharing.strategy=none with the same other settings")

@@ -47,11 +47,14 @@ from polytask.core.training.manifest import MANIFEST, write_json
 from polytask.core.data.tasks import TaskSpec
 from polytask.experiments.build import Parts, build_parts, build_run
 from polytask.experiments.config import RunConfig
+from polytask.experiments.continual import (StageHooks, continual_terms, replay_examples,
+                                            train_stages)
 from polytask.losses.weighting import Weighting
 from polytask.losses.weighting.engine import SplitGradients, merge
 from polytask.experiments.evaluate import (check_selection_metric, eval_options, evaluate,
                                            evaluate_details, scored_examples, PREDICTIONS,
                                            write_predictions)
+from polytask.heads.experts import gate_table
 from polytask.experiments.task_gradients import (_split_backward, gradient_conflicts,
                                                  splits_tasks)
 from polytask.experiments.resume import (BEST, _changed_settings, _checkpoint_to_resume,
@@ -61,13 +64,20 @@ from polytask.experiments.tracking import log_event, tensorboard_writer
 
 
 def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, stage: StageHooks | None = None) -> dict[str, Any]:
     """Train one run; returns the summary written to ``run_dir/summary.json``.
+
+    A config with ``stages:`` is a continual run: its stages, each one plain run of this
+    function (``stage``: the replay rows, penalty and carried-over heads it adds), are trained
+    in turn by :func:`polytask.experiments.continual.train_stages`.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) each rank trains on its shard of every global
     batch (:mod:`polytask.core.training.distributed`); rank 0 alone evaluates, logs and saves,
     and holds the run directory's lock while it does.
     """
+    if cfg.stages is not None:
+        return train_stages(cfg, Path(run_dir), resume=resume, progress=progress,
+                            train_stage=train)
     t = cfg.train
     rank, world = distributed.setup(t.device)
     if t.batch_size % (world * t.grad_accum):
@@ -75,13 +85,13 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
                          f"({world}) x train.grad_accum ({t.grad_accum})")
     run_dir = Path(run_dir)
     with claimed(run_dir, rank == 0):
-        summary = _train(cfg, specs, run_dir, resume, progress, rank, world)
+        summary = _train(cfg, specs, run_dir, resume, progress, rank, world, stage)
     distributed.barrier()
     return summary
 
 
 def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, progress: bool,
-           rank: int, world: int) -> dict[str, Any]:
+           rank: int, world: int, stage: StageHooks | None = None) -> dict[str, Any]:
     t = cfg.train
     lead = rank == 0
     ckpt = _checkpoint_to_resume(run_dir, resume, lead)
@@ -91,8 +101,15 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
                                        rank=rank)
     if lead:
         _prepare_run_dir(run_dir, cfg, fresh=ckpt is None, adopt=unchecked)
+    if stage is not None and ckpt is None:   # a resumed stage's checkpoint holds them
+        stage.carry_over(model)
     parts = build_parts(cfg, specs, data, model, rank=rank, world=world, announce=progress)
+    if stage is not None:
+        parts.stage = stage
+        parts.replay_sampler = stage.replay_sampler(data, cfg, rank, world)
     state = _start_state(parts, model, ckpt, run_dir, lead, cfg, changed)
+    if parts.replay_sampler is not None and "replay_sampler" in state:
+        parts.replay_sampler.load_state_dict(state["replay_sampler"])
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (progress and lead),
                dynamic_ncols=True)
     model.train()
@@ -128,11 +145,13 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
             if step % t.eval_every == 0 or step == t.max_steps:
-                if lead and finite:   # gradient conflicts on the step's last micro-batch
-                    found = gradient_conflicts(cfg, parts, model, data, batch)
-                    if found is not None:
-                        log_event(writer, run_dir / "metrics.jsonl",
-                                  {"event": "gradients", "step": step, **found})
+                if lead and finite:   # gradient conflicts and expert gates, on the last micro-batch
+                    for event, found in (("gradients", gradient_conflicts(cfg, parts, model, data,
+                                                                          batch)),
+                                         ("gates", gate_table(model, batch))):
+                        if found is not None:
+                            log_event(writer, run_dir / "metrics.jsonl",
+                                      {"event": event, "step": step, **found})
                 if lead:
                     stop = _evaluate_and_track(cfg, model, data, tokenizer, parts, state, run_dir,
                                                step, writer)
@@ -178,8 +197,12 @@ def _accumulate(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, toke
         # One template seed per row of the *global* batch, so a rank's rows get the same
         # templates as in a single process (rank r holds global rows r, r + N, ...).
         seeds = [parts.template_rng.getrandbits(64) for _ in range(micro * world)][rank::world]
+        n_replay = parts.stage.replay_rows(micro) if parts.replay_sampler is not None else 0
         rows = [data.get(task, "train", i, random.Random(seed))
-                for (task, i), seed in zip(parts.sampler.next_batch(micro), seeds)]
+                for (task, i), seed in zip(parts.sampler.next_batch(micro - n_replay), seeds)]
+        if n_replay:   # continual: earlier stages' training rows (experiments.continual)
+            rows += replay_examples(data, parts.replay_sampler.next_batch(n_replay),
+                                    seeds[micro - n_replay:])
         batch = collate(rows, tokenizer, data.task_index, max_source_len=cfg.data.max_source_len,
                         max_target_len=cfg.data.max_target_len, truncation=cfg.data.truncation,
                         report=parts.report).to(t.device)
@@ -197,13 +220,16 @@ def _accumulate(cfg: RunConfig, parts: Parts, model: torch.nn.Module, data, toke
             result = parts.objective(model, output, batch)
         task_losses = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
                        for k, v in result.task_losses.items()}
+        extra = result.extra_total()
+        if parts.stage is not None:
+            task_losses, extra = continual_terms(parts.stage, parts.names, model, task_losses,
+                                                 extra, logs)
         if world > 1:
             units = {k: distributed.loss_units(output.tasks[k], batch, parts.reductions[k])
                      for k in task_losses}
             anchor = parts.trainable[0].reshape(-1)[0] * 0.0  # zero loss for tasks absent here
             task_losses = distributed.globalize(task_losses, units, parts.names, anchor)
         task_losses = {k: v / t.grad_accum for k, v in task_losses.items()}
-        extra = result.extra_total()
         extra = extra / t.grad_accum if extra is not None else None
         ok = all(bool(torch.isfinite(v)) for v in task_losses.values()) and \
             (extra is None or bool(torch.isfinite(extra)))
@@ -272,6 +298,8 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, parts: Parts,
           state: dict[str, Any]) -> None:
     state["metrics_bytes"] = (run_dir / "metrics.jsonl").stat().st_size
     state["sampler"] = parts.sampler.state_dict()
+    if parts.replay_sampler is not None:
+        state["replay_sampler"] = parts.replay_sampler.state_dict()
     state["template_rng"] = parts.template_rng.getstate()
     tensors = {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
                "weighting": parts.weighting.state_dict(), "torch_rng": torch.get_rng_state()}

@@ -259,7 +259,7 @@ def test_a_run_without_intact_checkpoint_is_moved_aside_and_restarted(tmp_path, 
     calls = []
     monkeypatch.setattr(ablate, "train_run",
                         lambda cfg, run_dir, resume, progress: calls.append((run_dir, resume)))
-    monkeypatch.setattr(ablate, "write_reports", lambda out, runs: {})
+    monkeypatch.setattr(ablate, "write_reports", lambda out, runs, merged=None: {})
     ablate.ablate(TINY, out, ["seeds=[0, 1, 2]"])
     assert calls == [(stale, False), (empty, False)]
     aside = [p for p in (out / "runs").iterdir() if p.name.startswith(stale.name + ".interrupted-")]

@@ -294,3 +294,15 @@ def test_zero_baseline_gives_no_delta_m_and_says_why():
 def test_tex_escape():
     assert tex_escape("a_b & 50% #1 {x} ~^\\") == \
         r"a\_b \& 50\% \#1 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
+
+
+def test_a_row_with_keys_of_its_own_compares_with_the_plain_baseline():
+    from polytask.experiments.table import baselines
+    settings = ["sharing.strategy=none", "sharing.strategy=hard",
+                "sharing.strategy=hard, sharing.adapters={per: task}",
+                "sharing.strategy=merged (ties)"]
+    base, note = baselines(settings)
+    assert set(base.values()) == {"sharing.strategy=none"} and len(base) == 4
+    assert note == "baseline: sharing.strategy=none with the same other settings"
+    base, _ = baselines(settings[1:])   # no baseline row at all: the first setting
+    assert set(base.values()) == {"sharing.strategy=hard"}

@@ -7,7 +7,8 @@ from polytask.experiments.ablate import expand_grid, plan
 from polytask.experiments.config import RunConfig, load_config
 from polytask.experiments.config_files import apply_overrides, parse_overrides
 
-CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml")
+                 if p.name != "pretrain.yaml")   # validated by tests/experiments/test_pretrain.py
 
 
 def test_overrides_are_parsed_as_yaml_scalars_not_code():
@@ -57,6 +58,23 @@ def test_task_list_config(tmp_path):
 def test_grid_expansion_is_the_cartesian_product():
     combos = expand_grid({"a": [1, 2], "b": ["x", "y", "z"]})
     assert len(combos) == 6 and combos[0] == {"a": 1, "b": "x"} and combos[-1] == {"a": 2, "b": "z"}
+
+
+def test_a_grid_given_as_a_list_is_run_as_listed(tmp_path):
+    combos = [{"sharing.strategy": "hard"},
+              {"sharing.strategy": "hard", "sharing.adapters": {"per": "task", "r": 2}}]
+    assert expand_grid(combos) == combos
+    with pytest.raises(ValueError, match="grid as a list must hold mappings"):
+        expand_grid([{"a": 1}, "b"])
+    config = tmp_path / "list.yaml"
+    config.write_text("tasks: tiny\ngrid:\n  - {sharing.strategy: none}\n"
+                      "  - {sharing.strategy: hard, sharing.adapters: {per: task}}\nseeds: [0]\n")
+    runs = plan(config)
+    assert [name for name, *_ in runs] == ["strategy-none_seed-0",
+                                           "strategy-hard_adapters-pertask_seed-0"]
+    assert runs[1][3].sharing.adapters == {"per": "task"}
+    with pytest.raises(ValueError, match="the grid is a list of combinations"):
+        plan(config, ["grid.sharing.strategy=[hard]"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -11,7 +11,7 @@ import torch
 from heads_tiny import make_batch, three_tasks, tiny_config
 from polytask.core.model.feedforward import build_feedforward, feedforward_parameters
 from polytask.core.model.transformer import EncoderDecoder
-from polytask.experiments.gates import gate_matrix, plot_gates, read_gates
+from polytask.experiments.gates import gate_matrix, plot_gates, read_gates, write_gates
 from polytask.heads import MultiTaskObjective, SharingConfig, build_model
 from polytask.heads.experts import (Gate, GatedExperts, balance_loss, gate_table, gate_weights,
                                     gated_layers)
@@ -318,6 +318,12 @@ def test_gate_table_and_plot(tmp_path):
     assert experts == ["s0", "gen.0", "gen.1", "cls.0", "cls.1", "rnk.0", "rnk.1"]
     assert torch.tensor(grid).isnan().sum() == 3 * 4   # others' own experts
     assert plot_gates(tmp_path).stat().st_size > 0
+    other = tmp_path / "hard"   # an ablation draws the first run of each setting with gates
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 2}) + "\n")
+    (tmp_path / "out").mkdir()
+    drawn = write_gates(tmp_path / "out", [("ple", tmp_path), ("ple", tmp_path), ("hard", other)])
+    assert list(drawn) == ["gates ple"] and drawn["gates ple"].name == "gates_1.png"
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="metrics.jsonl: no 'gates' event"):
         plot_gates(tmp_path)
