@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +44,7 @@ from polytask.core.training import distributed
 from polytask.core.training.checkpoint import (find_checkpoint, holds_checkpoints,
                                                load_checkpoint, load_weights, save_checkpoint,
                                                save_weights)
-from polytask.core.training.manifest import atomic_write, remove_file, write_json
+from polytask.core.training.manifest import atomic_write, read_json, remove_file, write_json
 from polytask.core.training.optim import lr_lambda, make_optimizer
 from polytask.experiments.build import base_weight_files, load_run_tokenizer, seed_everything
 from polytask.experiments.pretrain_config import RESUMABLE, PretrainConfig, read_pretrain_config
@@ -66,6 +67,9 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, resume: bool = False,
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by world size "
                          f"({world}) x train.grad_accum ({t.grad_accum})")
     run_dir = Path(run_dir)
+    done = None if resume else _finished(run_dir, cfg)
+    if done is not None:
+        return done
     with claimed(run_dir, rank == 0):
         summary = _pretrain(cfg, run_dir, resume, progress, rank, world)
     distributed.barrier()
@@ -160,6 +164,26 @@ def _non_finite(run_dir: Path, state: dict[str, Any], reason: str,
 
 
 # --- the run directory ----------------------------------------------------------------------
+
+def _finished(run_dir: Path, cfg: PretrainConfig) -> dict[str, Any] | None:
+    """The summary of a complete run of exactly ``cfg`` in ``run_dir`` (reused: pretraining is
+    the slow step of a lifecycle job, run again and again), else None. Another config there is
+    an error naming the first setting that differs."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    done = read_json(summary)
+    old, new = _flat(read_pretrain_config(run_dir).to_dict()), _flat(cfg.to_dict())
+    differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if done.get("status") != "ok" or differ:
+        why = (f"{differ[0]} = {old.get(differ[0])!r} there, {new.get(differ[0])!r} here"
+               if differ else f"its status is {done.get('status')!r}")
+        raise ValueError(f"{run_dir} already holds another pretraining run ({why}); pretrain "
+                         "into another --out")
+    print(f"polytask: note: {run_dir} already holds this pretraining run, complete "
+          f"({done['steps']} steps): reused", file=sys.stderr, flush=True)
+    return done
+
 
 def _checkpoint_to_resume(run_dir: Path, resume: bool, lead: bool) -> Path | None:
     """As the training loop's: a fresh run never mixes into another run's directory, and a

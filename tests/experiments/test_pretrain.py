@@ -163,10 +163,25 @@ def test_resume_may_train_longer(run, tmp_path):
     assert json.loads((more / "config.json").read_text())["train"]["max_steps"] == 6
 
 
-def test_a_fresh_run_never_mixes_into_a_finished_one(run, corpus):
+def test_a_fresh_run_never_mixes_into_a_finished_one(run, corpus, tmp_path, capsys):
+    """The same config again reuses the complete run (a lifecycle job's slow step), touching
+    nothing; another config there, or a fresh run over an unfinished one, is refused."""
+    before = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()}
+    summary = pretrain(PretrainConfig.from_dict(_config(corpus)), run, progress=False)
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert "already holds this pretraining run, complete (4 steps): reused" in \
+        capsys.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file()} == before
+    with pytest.raises(ValueError, match=r"already holds another pretraining run "
+                                         r"\(train.max_steps = 4 there, 5 here\)"):
+        pretrain(PretrainConfig.from_dict(_config(corpus, train={"max_steps": 5})), run,
+                 progress=False)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    (unfinished / "summary.json").unlink()
     with pytest.raises(ValueError, match=r"already holds a run; continue it with `polytask "
                                          r"pretrain --resume"):
-        pretrain(PretrainConfig.from_dict(_config(corpus)), run, progress=False)
+        pretrain(PretrainConfig.from_dict(_config(corpus)), unfinished, progress=False)
 
 
 # --- init: ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def _run(cmd, tmp_path):
 
 
 CASES = [("pcgrad", "hard"), ("gradnorm", "hierarchical"), ("uncertainty", "soft"),
-         ("upgrad", "hard"), ("imtl", "hierarchical")]
+         ("upgrad", "hard"), ("imtl", "hierarchical"), ("static", "mmoe"), ("pcgrad", "ple")]
 if os.environ.get("POLYTASK_EVERY_WEIGHTING"):   # ~10 s each: every registered method, once
     from polytask import losses
     CASES += [(m, "hard") for m in losses.WEIGHTINGS.names()
