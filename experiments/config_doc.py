@@ -32,6 +32,7 @@ from polytask.core.peft.options import OPTIONS as PEFT_OPTIONS
 from polytask.experiments.config import (DEVICE_FORMS, ContinualConfig, DataConfig, RunConfig,
                                          TrainConfig, WeightingConfig)
 from polytask.heads.config import SharingConfig, strategy_names
+from polytask.experiments.pretrain_config import PretrainDataConfig, PretrainSection
 from polytask.heads.task_adapters import TaskAdapterOptions
 from polytask.losses import LOSSES, WEIGHTINGS
 from polytask.losses.registry import Registry, accepted_options, option_types
@@ -289,6 +290,14 @@ def render() -> str:
               "(that task's options) or a registered loss's name (every task using it). The "
               "registered losses and their options:"]
     lines += registry_lines(LOSSES, "losses.NAME", positional=0)
+    lines += ["", "## A pretraining config (`polytask pretrain`)", "",
+              "Sections `model:` (as above), `pretrain:`, `data:` (below), `train:` (as above, "
+              "without the fine-tuning keys: peft, train_top_layers, train_only, save_base, "
+              "early stopping, generation_max_tokens) and `init:` (a pretraining run to "
+              "continue from; its model and tokenizer are reused)."]
+    for section, cls in (("pretrain", PretrainSection), ("data", PretrainDataConfig)):
+        lines += ["", f"### `{section}` ({cls.__name__})", ""]
+        lines += _table(dataclass_rows(section, cls))
     return "\n".join(lines) + "\n"
 
 

@@ -227,7 +227,8 @@ def _tokenizer(cfg: PretrainConfig, paths: list[Path], run_dir: Path, *, fresh: 
         else:
             texts = training_documents(paths, p.field, p.validation_every, p.tokenizer_documents)
             tokenizer = Tokenizer.train(texts, cfg.data.vocab_size,
-                                        model_type=cfg.data.tokenizer, sentinels=p.sentinels)
+                                        model_type=cfg.data.tokenizer, sentinels=p.sentinels,
+                                        split_digits=cfg.data.split_digits)
         atomic_write(run_dir / "tokenizer.model", tokenizer.save, track=True)
     distributed.barrier()
     if not (fresh and lead):

@@ -117,6 +117,8 @@ class PretrainDataConfig:
     # sentencepiece vocabulary, special ids and sentinels included
     vocab_size: int = setting(default=1000, metadata=bounds(gt=SEP_ID + 1))
     tokenizer: Literal["unigram", "bpe"] = "unigram"  # sentencepiece model type
+    # every digit its own piece (PaLM, LLaMA): numbers tokenize alike whatever the corpus held
+    split_digits: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

@@ -133,7 +133,7 @@ class Tokenizer:
               model_type: Literal["unigram", "bpe"] = "unigram", *,
               hard_vocab_limit: bool = True, max_sentence_length: int = 16384,
               seed_sentencepiece_size: int = 100_000, fit_vocab: bool = True,
-              sentinels: int = 0) -> "Tokenizer":
+              sentinels: int = 0, split_digits: bool = False) -> "Tokenizer":
         """Train on ``texts`` (e.g. every source and target of the training splits).
 
         Args:
@@ -146,6 +146,10 @@ class Tokenizer:
                 so once on stderr; False raises instead.
             sentinels: number of T5 sentinel pieces ``<extra_id_k>`` to add after ``[SEP]``
                 (for span corruption); they count towards ``vocab_size``.
+            split_digits: every digit its own piece (sentencepiece's ``split_digits``, as in
+                PaLM and LLaMA), so numbers are spelled the same way whatever the corpus
+                held; a corpus with few digits otherwise gives some ``▁d`` pieces and not
+                others, and digit sequences tokenize unevenly.
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"unknown model_type {model_type!r}; choose 'unigram' or 'bpe'")
@@ -160,7 +164,8 @@ class Tokenizer:
         options = dict(model_type=model_type, hard_vocab_limit=hard_vocab_limit,
                        max_sentence_length=max_sentence_length,
                        seed_sentencepiece_size=seed_sentencepiece_size,
-                       symbols=[SEP] + [sentinel_piece(k) for k in range(sentinels)])
+                       symbols=[SEP] + [sentinel_piece(k) for k in range(sentinels)],
+                       split_digits=split_digits)
         try:
             return cls(_train_model(corpus, vocab_size, **options))
         except RuntimeError as err:
@@ -246,7 +251,7 @@ class Tokenizer:
 
 def _train_model(corpus: list[str], vocab_size: int, *, model_type: str, hard_vocab_limit: bool,
                  max_sentence_length: int, seed_sentencepiece_size: int,
-                 symbols: list[str]) -> bytes:
+                 symbols: list[str], split_digits: bool = False) -> bytes:
     """The serialized sentencepiece model trained on ``corpus`` (``RuntimeError`` if it fails)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -255,7 +260,7 @@ def _train_model(corpus: list[str], vocab_size: int, *, model_type: str, hard_vo
         normalization_rule_name="identity", hard_vocab_limit=hard_vocab_limit,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         user_defined_symbols=symbols, max_sentence_length=max_sentence_length,
-        seed_sentencepiece_size=seed_sentencepiece_size,
+        seed_sentencepiece_size=seed_sentencepiece_size, split_digits=split_digits,
         num_threads=1, minloglevel=2)  # one thread: deterministic, and we share 2 cores
     return model.getvalue()
 

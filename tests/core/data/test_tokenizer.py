@@ -85,3 +85,20 @@ def test_invalid_arguments(kwargs, message):
         Tokenizer.train(CORPUS, **kwargs)
     with pytest.raises(ValueError, match="empty corpus"):
         Tokenizer.train(["", "  "], vocab_size=50)
+
+
+def test_split_digits_spells_every_digit_as_its_own_piece():
+    """A corpus where a number is common gets a piece for it; with ``split_digits`` every
+    digit is one piece, so numbers tokenize alike whatever the corpus held."""
+    corpus = [f"chapter 31 of {w} says 31 things" for w in ("the book", "a play", "one poem")]
+    corpus = corpus * 40 + ["digits 2 3 4 5 6 7 8 9 0 1 appear once"]
+    plain = Tokenizer.train(corpus, 60, hard_vocab_limit=False)
+    split = Tokenizer.train(corpus, 60, hard_vocab_limit=False, split_digits=True)
+
+    def pieces(tok, text):
+        return [tok.id_to_piece(i) for i in tok.encode(text)]
+    def merged(tok, text):   # pieces holding a digit and something else (a space, a digit)
+        return [p for p in pieces(tok, text) if len(p) > 1 and any(c.isdigit() for c in p)]
+    assert merged(plain, "31 3") and not merged(split, "31 3 1 2 2024")
+    assert pieces(split, "1 2 31") == ["▁", "1", "▁", "2", "▁", "3", "1"]
+    assert split.decode(split.encode("1 2 31")) == "1 2 31"
