@@ -46,6 +46,7 @@ from polytask.core.data.tokenizer import SEP_ID, Tokenizer
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.fields import bounds, check_fields, from_dict, short_repr
 from polytask.experiments.config_files import SECTIONS, apply_overrides, load_yaml, parse_overrides
+from polytask.experiments.continual_config import ContinualConfig, check_stages
 from polytask.experiments.suite import load_suite
 from polytask.heads.config import SharingConfig
 from polytask.losses import LOSSES, WEIGHTINGS
@@ -194,54 +195,6 @@ class TrainConfig:
                              f"train.batch_size ({self.batch_size})")
 
 
-@dataclass
-class ContinualConfig:
-    """How a run with ``stages:`` fights forgetting (:mod:`polytask.experiments.continual`)."""
-
-    # fraction of each batch drawn from earlier stages' training data (experience replay)
-    replay: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    # penalty pulling the weights towards earlier stages' (losses.anchoring)
-    regularization: Literal["none", "l2", "ewc"] = "none"
-    # lambda of the penalty lambda/2 * sum_i F_i (theta_i - theta*_i)^2
-    weight: float = field(default=1.0, metadata=bounds(ge=0))
-    # EWC: training examples of a finished stage's tasks its diagonal Fisher averages over
-    fisher_examples: int = field(default=64, metadata=bounds(gt=0))
-    # set by the continual runner in each stage's own config.json (1..T; 0: the initial
-    # model): its held-out tasks are the other stages' and may have untrained heads
-    stage: int | None = field(default=None, metadata=bounds(ge=0, null="not a stage's run"))
-
-    def __post_init__(self) -> None:
-        check_fields(self, "continual")   # types and the bounds above
-
-
-#: the sections of a run config (``stages`` and ``continual`` for continual learning)
-RUN_SECTIONS = SECTIONS + tuple(s for s in ("stages", "continual") if s not in SECTIONS)
-
-
-def check_stages(stages: Any, tasks: list[str]) -> list[list[str]]:
-    """``stages:`` is a list of non-empty lists of the run's task names, each task in exactly
-    one stage; anything else is one ``ValueError`` naming the bad value and the tasks."""
-    known = ", ".join(tasks)
-    if not isinstance(stages, list) or not stages or not all(
-            isinstance(s, list) and s and all(isinstance(t, str) for t in s) for s in stages):
-        raise ValueError(f"stages = {short_repr(stages)} is invalid: expected a list of "
-                         f"non-empty lists of task names, e.g. [[a, b], [c]]; tasks: {known}")
-    seen: dict[str, int] = {}
-    for i, stage in enumerate(stages):
-        for name in stage:
-            if name not in tasks:
-                raise ValueError(f"stages[{i}] names unknown task {name!r}; tasks: {known}")
-            if name in seen:
-                raise ValueError(f"stages: task {name!r} is in stage {seen[name]} and stage "
-                                 f"{i}; each task belongs to exactly one stage; tasks: {known}")
-            seen[name] = i
-    missing = [t for t in tasks if t not in seen]
-    if missing:
-        raise ValueError(f"stages: task {missing[0]!r} is in no stage; each of the tasks "
-                         f"{known} belongs to exactly one stage")
-    return [list(s) for s in stages]
-
-
 #: built-in sharing strategies whose plans share no parameter among tasks (a gradient
 #: weighting has nothing to combine there)
 SHARES_NOTHING = ("none", "soft")
@@ -339,10 +292,10 @@ class RunConfig:
         now (the training loop checks them again when it builds the parts)."""
         if not isinstance(data, dict):
             raise ValueError(f"a run config must be a mapping of sections, got {type(data).__name__}")
-        unknown = [k for k in data if k not in RUN_SECTIONS]
+        unknown = [k for k in data if k not in SECTIONS]
         if unknown:
             raise ValueError(f"unknown config section {unknown[0]!r}; known: "
-                             f"{', '.join(RUN_SECTIONS)}")
+                             f"{', '.join(SECTIONS)}")
         tasks = data.get("tasks", "tiny")
         if isinstance(tasks, list):
             tasks = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in tasks]

@@ -29,9 +29,10 @@ from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.fields import UNBOUNDED
 from polytask.core.peft.options import OPTIONS as PEFT_OPTIONS
-from polytask.experiments.config import (DEVICE_FORMS, ContinualConfig, DataConfig, RunConfig,
+from polytask.experiments.config import (DEVICE_FORMS, DataConfig, RunConfig,
                                          TrainConfig, WeightingConfig)
 from polytask.heads.config import SharingConfig, strategy_names
+from polytask.experiments.continual_config import ContinualConfig
 from polytask.experiments.pretrain_config import PretrainDataConfig, PretrainSection
 from polytask.heads.task_adapters import TaskAdapterOptions
 from polytask.losses import LOSSES, WEIGHTINGS
