@@ -37,6 +37,7 @@ from polytask.experiments.adapt import adapt, weight_names
 from polytask.experiments.config import MAY_DIFFER, RunConfig, init_kind, init_model_config
 from polytask.experiments.evaluate import check_held_out_columns
 from polytask.heads import build_model
+from polytask.heads.experts import MIXTURES
 from polytask.heads.model import DECODER_HEADS, MultiTaskModel
 from polytask.heads.objective import MultiTaskObjective
 from polytask.losses.weighting import Weighting
@@ -101,6 +102,12 @@ def init_backbone(init: str) -> EncoderDecoder:
         load_weights(weights, backbone)   # every tensor, checked against its manifest
         return backbone
     cfg = RunConfig.from_dict(read_json(path / "config.json"), resolve_init=False)
+    if cfg.sharing.strategy in MIXTURES or cfg.sharing.adapters:
+        what = (f"sharing.strategy {cfg.sharing.strategy!r}" if cfg.sharing.strategy in MIXTURES
+                else "sharing.adapters")
+        raise ValueError(f"init: {path} was trained with {what}: its layers hold per-task "
+                         "gates or adapters, not a plain backbone; start from its own init: "
+                         "instead, or from a run without them")
     method = cfg.train.peft.get("method")
     if method not in (None, "lora", "bitfit"):
         raise ValueError(f"init: {path} was trained with train.peft method {method!r}, whose "

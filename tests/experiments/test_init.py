@@ -200,3 +200,20 @@ def test_init_from_a_run_that_trained_its_own_tokenizer(tmp_path):
     assert cfg.model.vocab_size == 64 != RunConfig().model.vocab_size
     train_run(cfg, tmp_path / "second", progress=False)
     assert (tmp_path / "second" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("sharing", [["sharing.strategy=mmoe"],
+                                     ["sharing.adapters={per: task, r: 2}"]])
+def test_init_from_a_run_with_gates_or_adapters_is_refused(tmp_path, sharing):
+    """Such a run's columns hold per-task gates or adapters, not a plain backbone: one line,
+    never a state-dict mismatch from deep inside loading."""
+    tiny = Path(__file__).parents[2] / "experiments" / "configs" / "tiny.yaml"
+    from polytask.experiments.config import load_config
+    small = ["data.eval_examples=2", "train.eval_every=1", "train.save_every=1",
+             "train.max_steps=1"]
+    first = tmp_path / "first"
+    train_run(load_config(tiny, small + sharing), first, progress=False)
+    cfg = load_config(tiny, small + [f"init={first}"])
+    with pytest.raises(ValueError, match=r"init: .*first was trained with sharing\.(strategy "
+                                         r"'mmoe'|adapters): its layers hold per-task gates"):
+        train_run(cfg, tmp_path / "second", progress=False)
