@@ -56,7 +56,8 @@ def _weights_option(p: argparse.ArgumentParser) -> None:
 
 def _weights(args: argparse.Namespace) -> str:
     """``args.weights``, after telling stderr when the run lacks that file."""
-    from polytask.experiments.runs import weights_note
+    from polytask.experiments.runs import final_stage, weights_note
+    args.run_dir = str(final_stage(Path(args.run_dir)))   # a continual run: its last stage
     note = weights_note(Path(args.run_dir), args.weights)
     if note:
         print(f"polytask: note: {note}", file=sys.stderr)

@@ -79,6 +79,19 @@ def weights_note(run_dir: Path, weights: str) -> str | None:
             f"{path.name}")
 
 
+def final_stage(run_dir: Path) -> Path:
+    """A continual run (``stages:``, :mod:`polytask.experiments.continual`) keeps one run
+    directory per stage, ``stage_0`` (the initial model) ... ``stage_T``, and no weights of its
+    own: its last stage, with a note on stderr. Any other directory: itself."""
+    stages = [p for p in run_dir.glob("stage_*") if p.name[6:].isdigit() and p.is_dir()]
+    if not stages or (run_dir / WEIGHTS["last"]).exists():
+        return run_dir
+    last = max(stages, key=lambda p: int(p.name[6:]))
+    print(f"polytask: note: {run_dir} is a continual run; using its last stage, {last}",
+          file=sys.stderr, flush=True)
+    return last
+
+
 def load_run(run_dir: Path, *, merge: bool = True, weights: str = "best"
              ) -> tuple[RunConfig, TaskData, Tokenizer, MultiTaskModel]:
     """Config, data, tokenizer and model (eval mode) of a run directory, with the weights of
@@ -99,6 +112,7 @@ def load_run(run_dir: Path, *, merge: bool = True, weights: str = "best"
     Every file read is checked against the run's ``manifest.json``: a damaged or missing one
     is a ``ValueError`` naming it; a run written before manifests loads with a note on stderr.
     """
+    run_dir = final_stage(Path(run_dir))
     path = weights_file(run_dir, weights)  # an unknown choice fails before the model is built
     cfg = read_run_config(run_dir)         # every file read is checked against the manifest
     note = unverified_note(run_dir)

@@ -163,7 +163,7 @@ def _assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_stages_equal_separate_runs_chained_by_init(tmp_path):
+def test_stages_equal_separate_runs_chained_by_init(tmp_path, capsys):
     """Replay 0, no penalty: stage i is exactly the plain run of stage i's tasks (the others
     held out) from ``init:`` stage i-1 — the same weights, bit for bit, after every stage."""
     names = ["copy", "reverse"]
@@ -194,6 +194,12 @@ def test_stages_equal_separate_runs_chained_by_init(tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert saved["stages"] == [["copy"], ["reverse"]]
     assert RunConfig.from_dict(saved, resolve_init=False).stages == [["copy"], ["reverse"]]
+    # eval / generate / export of the continual run read its last stage, and say so
+    from polytask.experiments.cli import main
+    assert main(["eval", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"is a continual run; using its last stage, {run / 'stage_2'}" in err
+    assert json.loads(out) == json.loads((run / "stage_2" / "summary.json").read_text())["test"]
 
 
 def test_stage_config_holds_out_other_stages(tmp_path):
