@@ -24,7 +24,8 @@ def _run(cmd, tmp_path):
 
 
 CASES = [("pcgrad", "hard"), ("gradnorm", "hierarchical"), ("uncertainty", "soft"),
-         ("upgrad", "hard"), ("imtl", "hierarchical"), ("static", "mmoe"), ("pcgrad", "ple")]
+         ("upgrad", "hard"), ("imtl", "hierarchical"), ("static", "mmoe"), ("pcgrad", "ple"),
+         ("static", "hard sharing.adapters={per: task, r: 2}")]   # per-task LoRA
 if os.environ.get("POLYTASK_EVERY_WEIGHTING"):   # ~10 s each: every registered method, once
     from polytask import losses
     CASES += [(m, "hard") for m in losses.WEIGHTINGS.names()
@@ -41,7 +42,8 @@ def test_two_ranks_equal_one_process(tmp_path, weighting, strategy):
         pytest.skip("torchrun is not on PATH")
     overrides = ["train.max_steps=3", "data.eval_examples=2", "train.eval_every=100",
                  "train.save_every=100", f"weighting.method={weighting}",
-                 f"sharing.strategy={strategy}", "train.batch_size=8", "train.dtype=float64",
+                 *(f"sharing.strategy={strategy}".split(" ", 1)), "train.batch_size=8",
+                 "train.dtype=float64",
                  "model.n_encoder_layers=2", "model.n_decoder_layers=2"]
     cli = ["-m", "polytask.experiments.cli", "train", str(TINY), *overrides, "--no-progress"]
     _run([torchrun, "--standalone", "--nproc_per_node=2", *cli, "--out", "ddp"], tmp_path)
