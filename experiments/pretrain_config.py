@@ -53,12 +53,15 @@ class PretrainSection:
     # "builtin", the shipped corpus (experiments.suite.corpus)
     corpus: str | list[str] = BUILTIN
     field: str = "text"  # the text field of JSONL records
+    # T5's span corruption or BART's text infilling
     objective: Literal["span_corruption", "text_infilling"] = "span_corruption"
-    # span_corruption: fraction of tokens noised, and the mean span length
+    # span_corruption: fraction of tokens noised
     noise_density: float = setting(default=0.15, metadata=bounds(gt=0, lt=1))
+    # span_corruption: mean length of a noise span
     mean_span_length: float = setting(default=3.0, metadata=bounds(ge=1))
-    # text_infilling: fraction of tokens masked, and the Poisson mean of span lengths
+    # text_infilling: fraction of tokens masked
     mask_ratio: float = setting(default=0.3, metadata=bounds(gt=0, lt=1))
+    # text_infilling: Poisson mean of the span lengths
     poisson_lambda: float = setting(default=3.0, metadata=bounds(gt=0))
     chunk_tokens: int = setting(default=128, metadata=bounds(ge=2))  # token ids per example
     # sentinel pieces added to the tokenizer (span_corruption's <extra_id_N>; the first is
