@@ -87,29 +87,18 @@ class Allocation(nn.Module):
         return f"skills={self.n}, kind={self.kind}"
 
 
-class SkillLoRALinear(nn.Module):
-    """A linear layer plus its group's combination of the shared skills' LoRA pairs.
+class LowRankLinear(nn.Module):
+    """``base(x) + (alpha / r) * (dropout(x) A^T) B^T`` for the ``(A (r, in), B (out, r))`` a
+    subclass's :meth:`factors` gives: one group's LoRA pair (:class:`polytask.heads.
+    task_adapters.TaskLoRALinear`) or its mix of the shared skills (:class:`SkillLoRALinear`).
+    ``base`` is the shared linear, its parameters left as they are (the caller freezes the
+    backbone or not); ``weight`` and ``bias`` are its, so code reading them keeps working.
+    Shapes: ``(..., in)`` -> ``(..., out)``."""
 
-    Args:
-        base: the (shared) linear layer; its parameters are left as they are (the caller
-            freezes the backbone or not).
-        bank: the slot's skills for this linear (the same object in every group's fork).
-        allocation_row: this group's allocation at the slot.
-        alpha: the update is scaled by ``alpha / r``.
-        dropout: dropout on the update's input.
-    Shapes: ``(..., in)`` -> ``(..., out)``.
-    """
-
-    def __init__(self, base: nn.Linear, bank: SkillBank, allocation_row: Allocation,
-                 alpha: float = 16.0, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
         super().__init__()
-        if bank.A.shape[2] != base.in_features or bank.B.shape[1] != base.out_features:
-            raise ValueError(f"skill bank ({bank.extra_repr()}) does not fit the linear layer "
-                             f"(in={base.in_features}, out={base.out_features})")
-        if bank.n != allocation_row.n:
-            raise ValueError(f"allocation over {allocation_row.n} skills for a bank of {bank.n}")
-        self.base, self.bank, self.allocation = base, bank, allocation_row
-        self.scaling = alpha / bank.r
+        self.base = base
+        self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout)
 
     @property
@@ -121,13 +110,38 @@ class SkillLoRALinear(nn.Module):
         return self.base.bias
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This group's ``(A (r, in), B (out, r))``."""
-        return self.bank.combine(self.allocation.weights())
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         # two thin matmuls, (.., in) -> (.., r) -> (.., out); B A is never materialised
         return self.base(x) + (self.dropout(x) @ a.T) @ b.T * self.scaling
+
+
+class SkillLoRALinear(LowRankLinear):
+    """A linear layer plus its group's combination of the shared skills' LoRA pairs.
+
+    Args:
+        base: the (shared) linear layer.
+        bank: the slot's skills for this linear (the same object in every group's fork).
+        allocation_row: this group's allocation at the slot.
+        alpha: the update is scaled by ``alpha / r``.
+        dropout: dropout on the update's input.
+    """
+
+    def __init__(self, base: nn.Linear, bank: SkillBank, allocation_row: Allocation,
+                 alpha: float = 16.0, dropout: float = 0.0) -> None:
+        if bank.A.shape[2] != base.in_features or bank.B.shape[1] != base.out_features:
+            raise ValueError(f"skill bank ({bank.extra_repr()}) does not fit the linear layer "
+                             f"(in={base.in_features}, out={base.out_features})")
+        if bank.n != allocation_row.n:
+            raise ValueError(f"allocation over {allocation_row.n} skills for a bank of {bank.n}")
+        super().__init__(base, bank.r, alpha, dropout)
+        self.bank, self.allocation = bank, allocation_row
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This group's ``(A (r, in), B (out, r))``."""
+        return self.bank.combine(self.allocation.weights())
 
     def extra_repr(self) -> str:
         return f"scaling={self.scaling}"

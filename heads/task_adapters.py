@@ -35,7 +35,7 @@ from polytask.core.data.tasks import TaskSpec
 from polytask.core.model.fields import bounds, check_fields, from_dict
 from polytask.core.peft.modules import backbone_parameters
 from polytask.heads.forks import fork
-from polytask.heads.skills import Allocation, SkillBank, SkillLoRALinear
+from polytask.heads.skills import Allocation, LowRankLinear, SkillBank, SkillLoRALinear
 
 Group = frozenset[str]
 WHERE = "sharing.adapters"
@@ -120,7 +120,7 @@ class LoRAPair(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
 
-class TaskLoRALinear(nn.Module):
+class TaskLoRALinear(LowRankLinear):
     """``base(x) + (alpha / r) * (dropout(x) A^T) B^T`` with one group's :class:`LoRAPair`.
 
     ``base`` is the shared linear (its tensors are every group's); shapes ``(..., in)`` ->
@@ -128,25 +128,11 @@ class TaskLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, lora: LoRAPair, alpha: float = 16.0,
                  dropout: float = 0.0) -> None:
-        super().__init__()
-        self.base, self.lora = base, lora
-        self.scaling = alpha / lora.r
-        self.dropout = nn.Dropout(dropout)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        super().__init__(base, lora.r, alpha, dropout)
+        self.lora = lora
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora.lora_A, self.lora.lora_B
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return self.base(x) + (self.dropout(x) @ a.T) @ b.T * self.scaling
 
     def extra_repr(self) -> str:
         return f"r={self.lora.r}, scaling={self.scaling}"
