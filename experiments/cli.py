@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from polytask.experiments.errors import (ANTICIPATED, crash_report, error_message, one_line,
                                          stdout_gone)
@@ -160,29 +161,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_and_run_dir(args: argparse.Namespace, load, resume_load) -> tuple[Any, Path]:
+    """``train`` and ``pretrain``: CONFIG with overrides and the run directory (``--out``, else
+    runs/<config name>), or with ``--resume RUN_DIR`` that run's saved config with overrides."""
+    if args.resume:
+        # argparse puts a first key=value into CONFIG: with --resume every positional is one
+        given = ([args.config] if args.config else []) + list(args.overrides)
+        if any("=" not in item for item in given):
+            raise UsageError(f"polytask {args.command}: give either CONFIG or --resume RUN_DIR, "
+                             "not both")
+        return resume_load(Path(args.resume), given), Path(args.resume)
+    if not args.config:
+        raise UsageError(f"polytask {args.command}: CONFIG is required (or --resume RUN_DIR)")
+    return (load(args.config, args.overrides),
+            Path(args.out or Path("runs") / Path(args.config).stem))
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from polytask.experiments.config import load_config
     from polytask.experiments.runs import train_run
     from polytask.experiments.resume import resume_config
 
-    if args.resume:
-        # argparse puts a first key=value into CONFIG: with --resume every positional is one
-        given = ([args.config] if args.config else []) + list(args.overrides)
-        if any("=" not in item for item in given):
-            raise UsageError("polytask train: give either CONFIG or --resume RUN_DIR, not both")
-        run_dir = Path(args.resume)
-        cfg = resume_config(run_dir, given)
-        if args.print_config:
-            return _print_config(cfg.to_dict())
-        summary = train_run(cfg, run_dir, resume=True, progress=not args.no_progress)
-    else:
-        if not args.config:
-            raise UsageError("polytask train: CONFIG is required (or --resume RUN_DIR)")
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            return _print_config(cfg.to_dict())
-        run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-        summary = train_run(cfg, run_dir, progress=not args.no_progress)
+    cfg, run_dir = _config_and_run_dir(args, load_config, resume_config)
+    if args.print_config:
+        return _print_config(cfg.to_dict())
+    summary = train_run(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if summary:  # under torchrun only rank 0 evaluates and reports
         print(json.dumps({"run_dir": str(run_dir), "test": summary["test"]}, indent=2))
 
@@ -191,17 +194,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from polytask.experiments.pretrain import pretrain
     from polytask.experiments.pretrain_config import (load_pretrain_config,
                                                       resume_pretrain_config)
-    if args.resume:
-        given = ([args.config] if args.config else []) + list(args.overrides)
-        if any("=" not in item for item in given):
-            raise UsageError("polytask pretrain: give either CONFIG or --resume RUN_DIR, not both")
-        run_dir = Path(args.resume)
-        cfg = resume_pretrain_config(run_dir, given)
-    else:
-        if not args.config:
-            raise UsageError("polytask pretrain: CONFIG is required (or --resume RUN_DIR)")
-        cfg = load_pretrain_config(args.config, args.overrides)
-        run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    cfg, run_dir = _config_and_run_dir(args, load_pretrain_config, resume_pretrain_config)
     if args.print_config:
         return _print_config(cfg.to_dict())
     summary = pretrain(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)

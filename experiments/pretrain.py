@@ -53,7 +53,7 @@ from polytask.experiments.pretrain_data import (Rows, collate_rows, corpus_size,
 from polytask.experiments.resume import (BEST, _flat, _log, _note, _restore_best,
                                          _rewind_metrics, _set_schedule, claimed)
 from polytask.experiments.tracking import log_event, tensorboard_writer
-from polytask.experiments.train import _update as update_step
+from polytask.experiments.train import _update as update_step, setup_ranks
 
 
 
@@ -61,11 +61,7 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, *, resume: bool = False,
              progress: bool = True) -> dict[str, Any]:
     """Pretrain one run; returns the summary written to ``run_dir/summary.json`` (``{}`` on
     ranks other than 0 under ``torchrun``)."""
-    t = cfg.train
-    rank, world = distributed.setup(t.device)
-    if t.batch_size % (world * t.grad_accum):
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by world size "
-                         f"({world}) x train.grad_accum ({t.grad_accum})")
+    rank, world = setup_ranks(cfg.train)
     run_dir = Path(run_dir)
     done = None if resume else _finished(run_dir, cfg)
     if done is not None:

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from polytask.core.data.tokenizer import SEP_ID
 from polytask.core.model.config import ModelConfig
 from polytask.core.model.fields import bounds, check_fields, from_dict, short_repr
+from polytask.core.training.manifest import read_json
 from polytask.experiments.config import TrainConfig, init_kind, init_model_config
 from polytask.experiments.config_files import apply_overrides as _apply, load_yaml, parse_overrides
 
@@ -209,7 +211,6 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
 
 def read_pretrain_config(run_dir: Path) -> PretrainConfig:
     """A pretraining run's saved ``config.json`` (checked against its manifest)."""
-    from polytask.core.training.manifest import read_json
     path = Path(run_dir) / "config.json"
     saved = read_json(path)
     if not isinstance(saved, dict) or not isinstance(saved.get("pretrain"), dict):

@@ -78,16 +78,22 @@ def train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, *, resume: bool 
     if cfg.stages is not None:
         return train_stages(cfg, Path(run_dir), resume=resume, progress=progress,
                             train_stage=train)
-    t = cfg.train
-    rank, world = distributed.setup(t.device)
-    if t.batch_size % (world * t.grad_accum):
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by world size "
-                         f"({world}) x train.grad_accum ({t.grad_accum})")
+    rank, world = setup_ranks(cfg.train)
     run_dir = Path(run_dir)
     with claimed(run_dir, rank == 0):
         summary = _train(cfg, specs, run_dir, resume, progress, rank, world, stage)
     distributed.barrier()
     return summary
+
+
+def setup_ranks(t) -> tuple[int, int]:
+    """``(rank, world size)`` of this process (:func:`polytask.core.training.distributed.setup`
+    on ``train.device``), after checking that every rank gets whole micro-batches."""
+    rank, world = distributed.setup(t.device)
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by world size "
+                         f"({world}) x train.grad_accum ({t.grad_accum})")
+    return rank, world
 
 
 def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, progress: bool,
