@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from polytask.core.peft.frozen import WrappedLinear
+
 AllocationKind = Literal["learned", "identity"]
 
 
@@ -87,7 +89,7 @@ class Allocation(nn.Module):
         return f"skills={self.n}, kind={self.kind}"
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(WrappedLinear):
     """``base(x) + (alpha / r) * (dropout(x) A^T) B^T`` for the ``(A (r, in), B (out, r))`` a
     subclass's :meth:`factors` gives: one group's LoRA pair (:class:`polytask.heads.
     task_adapters.TaskLoRALinear`) or its mix of the shared skills (:class:`SkillLoRALinear`).
@@ -96,18 +98,9 @@ class LowRankLinear(nn.Module):
     Shapes: ``(..., in)`` -> ``(..., out)``."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -1,24 +1,21 @@
-"""``FrozenLinear``: what every PEFT wrapper of an ``nn.Linear`` shares."""
+"""``WrappedLinear``: a module that holds an ``nn.Linear`` as ``base`` and reads as it, and
+``FrozenLinear``: what every PEFT wrapper of an ``nn.Linear`` shares (the base frozen)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 
-class FrozenLinear(nn.Module):
-    """Holds a frozen ``nn.Linear`` as ``base`` next to the wrapper's trainable parts.
+class WrappedLinear(nn.Module):
+    """Holds an ``nn.Linear`` as ``base`` next to a wrapper's own parts.
 
     ``weight`` and ``bias`` read the base layer's, so code that inspects a Linear (fused
     projections, interop, parameter counts) keeps working on a wrapped one.
     """
 
-    def __init__(self, base: nn.Linear, what: str) -> None:
+    def __init__(self, base: nn.Linear) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"{what} nn.Linear layers, got {type(base).__name__}")
         self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -27,3 +24,14 @@ class FrozenLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+
+class FrozenLinear(WrappedLinear):
+    """A :class:`WrappedLinear` whose base is frozen: the PEFT wrappers' common part."""
+
+    def __init__(self, base: nn.Linear, what: str) -> None:
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{what} nn.Linear layers, got {type(base).__name__}")
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
