@@ -233,7 +233,7 @@ def _checked_state(state: Any, path: Path, max_steps: int) -> dict[str, Any]:
 
 
 def _restore(parts: Parts, tensors: dict[str, Any], state: dict[str, Any], ckpt: Path) -> None:
-    """Optimiser, schedule, weighting, RNGs and sampler as the checkpoint saved them."""
+    """Optimiser, schedule, weighting, RNGs and samplers as the checkpoint saved them."""
     try:
         parts.optimizer.load_state_dict(tensors["optimizer"])
         parts.scheduler.load_state_dict(tensors["scheduler"])
@@ -244,6 +244,8 @@ def _restore(parts: Parts, tensors: dict[str, Any], state: dict[str, Any], ckpt:
                          f"weighting ({type(err).__name__}: {_first_line(err)})") from None
     try:
         parts.sampler.load_state_dict(state["sampler"])
+        if parts.replay_sampler is not None:   # continual: earlier stages' rows
+            parts.replay_sampler.load_state_dict(state["replay_sampler"])
         parts.template_rng.setstate(_to_tuple(state["template_rng"]))
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
         raise ValueError(f"{ckpt / 'state.json'}: sampler or template_rng does not fit this "

@@ -114,8 +114,6 @@ def _train(cfg: RunConfig, specs: list[TaskSpec], run_dir: Path, resume: bool, p
         parts.stage = stage
         parts.replay_sampler = stage.replay_sampler(data, cfg, rank, world)
     state = _start_state(parts, model, ckpt, run_dir, lead, cfg, changed)
-    if parts.replay_sampler is not None and "replay_sampler" in state:
-        parts.replay_sampler.load_state_dict(state["replay_sampler"])
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not (progress and lead),
                dynamic_ncols=True)
     model.train()
